@@ -67,7 +67,7 @@ def test_snakemake_resolution_does_not_inherit_paper_keys(repo_root):
     path, cfg = resolve_snakemake_config([repo_root / "config" / "demo.yaml"], {"seed": 5}, repo_root / "config" / "config.yaml")
     assert cfg["data"]["dataset"] == "digits" and cfg["weights"]["dinov2_base"] is None and cfg["seed"] == 5
     _, paper = resolve_snakemake_config([], {}, repo_root / "config" / "config.yaml")
-    assert paper["run"] == "paper"
+    assert paper["run"] == "imagenet"
     with pytest.raises(ConfigError, match="one --configfile"):
         resolve_snakemake_config(["a.yaml", "b.yaml"], {}, "x")
 
