@@ -1,7 +1,8 @@
 """The ``mergevq`` command line (also ``python -m mergevq``).
 
 Each command lives in the module that owns its logic; that module defines
-``add_arguments(parser)`` and ``run(args) -> int``. Modules are imported only when their command
+``add_arguments(parser)`` and ``run(args) -> int`` (``module:suffix`` names
+``add_suffix_arguments`` / ``run_suffix`` for a module with several commands). Modules are imported only when their command
 runs, so ``mergevq --help`` stays fast.
 """
 from __future__ import annotations
@@ -16,6 +17,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train-tokenizer": ("mergevq.train.tokenizer", "stage 1: train a MergeVQ tokenizer variant (resumable)"),
     "train-demo-classifier": ("mergevq.eval.demo_classifier", "train the demo's FID feature extractor on the digits"),
     "fid": ("mergevq.eval.fidelity", "FID between two folders of PNG images (and IS of the first), via torch-fidelity"),
+    "evaluate": ("mergevq.eval.tokenizer_eval", "score a tokenizer at a kept count: PSNR/SSIM/LPIPS, rFID (S and S-hat), source accuracy, usage, MACs"),
+    "reference-features": ("mergevq.eval.tokenizer_eval:reference", "features of the validation originals under the FID extractor (computed once per run)"),
+    "table": ("mergevq.report.tables", "build a reproduced table (ours beside the paper's) as CSV + Markdown"),
+    "figure": ("mergevq.report.figures", "draw one of the paper's figures from metrics or tokenizers"),
     "fetch-weights": ("mergevq.weights", "download the pretrained weight files named in a config (needs internet)"),
 }
 
@@ -36,14 +41,17 @@ def main(argv: list[str] | None = None) -> int:
         parser.parse_args(argv)  # prints help or the unknown-command error and exits
         return 2
     name = argv[0]
-    module = importlib.import_module(COMMANDS[name][0])
+    module_name, _, suffix = COMMANDS[name][0].partition(":")
+    module = importlib.import_module(module_name)
+    add_arguments = getattr(module, f"add_{suffix}_arguments" if suffix else "add_arguments")
+    run = getattr(module, f"run_{suffix}" if suffix else "run")
     cmd_parser = argparse.ArgumentParser(prog=f"mergevq {name}", description=COMMANDS[name][1])
-    module.add_arguments(cmd_parser)
+    add_arguments(cmd_parser)
     args = cmd_parser.parse_args(argv[1:])
     from mergevq.config import ConfigError
 
     try:
-        return int(module.run(args) or 0)
+        return int(run(args) or 0)
     except ConfigError as exc:
         print(f"mergevq {name}: config error: {exc}", file=sys.stderr)
         return 2

@@ -1,0 +1,1 @@
+"""Tables (paper vs ours) and figures of the reproduction."""

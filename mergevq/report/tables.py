@@ -1,0 +1,539 @@
+"""Tables 1, 2, 4 and 5 of the paper rebuilt from our metric files, with the paper's number beside ours.
+
+Inputs are the JSON files that `mergevq evaluate`, the linear probe and fine-tuning write
+(schemas in the contracts: ``sweep/{variant}/k{K}``, ``probe/{variant}/k{K}``,
+``probe/baselines/*``, ``finetune/{variant}``) and the hand-transcribed paper CSVs in
+``results/paper/`` (their README gives the join keys used here). Every builder returns a
+``Table(frame, notes)``: ``frame`` is pure data (one CSV), ``notes`` are sentences that state the
+protocol (dataset, resolution, FID feature extractor, image count, "smoke", what each column
+counts) and go under the Markdown twin only.
+
+Units: accuracies and codebook usage are in percent as in the paper (our files hold fractions);
+rFID, PSNR (dB), SSIM, LPIPS as measured; GMACs are 1e9 multiply-accumulates per image.
+
+Paper-equivalent K. The demo scales the paper's grids down (G 1024 -> 256 tokens, G+R and R
+256 -> 64), so its kept counts are the paper's scaled by the token ratio. ``paper_k = K *
+L_paper / L_ours`` is the paper's kept count with the same kept fraction; the paper columns are
+filled only where the paper's table has exactly ``paper_k`` tokens. On the paper config
+``paper_k == K``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+from typing import Iterable, NamedTuple, Sequence
+
+import pandas as pd
+
+from mergevq.config import REPO_ROOT
+
+PAPER_DIR = REPO_ROOT / "results" / "paper"
+# Tokens before merging, L, of each variant in the paper (Sec. 5.1, Table A1 at 256 px).
+PAPER_TOKENS = {"G": 1024, "G+R": 256, "R": 256}
+# Same threshold as mergevq.eval.fidelity.SMOKE_THRESHOLD (a test keeps them equal); repeated so
+# that building a table does not import torch.
+SMOKE_THRESHOLD = 2048
+TABLES = ("table1", "table2", "table4", "table5")
+TITLES = {
+    "table1": "Table 1: self-supervised pre-training (linear probing and fine-tuning top-1, %)",
+    "table2": "Table 2: reconstruction at each variant's kept count",
+    "table4": "Table 4: kept tokens at inference vs reconstruction, linear probing, cost and steps",
+    "table5": "Table 5 (stage-1 rows): reconstruction with the ground-truth source S vs Source Recovery's S_hat",
+}
+# Table 5: our recovery label -> the paper's `recovery` cell for the same setting.
+RECOVERY_GT = "ground-truth S"
+RECOVERY_PRED = "predicted S_hat (Source Recovery)"
+PAPER_RECOVERY = {RECOVERY_GT: "Ground-truth S", RECOVERY_PRED: "2-layer Cross-Attention"}
+
+
+class Table(NamedTuple):
+    frame: pd.DataFrame
+    notes: list[str]
+
+
+class ReportError(ValueError):
+    """Inputs that cannot make a correct table; the message names the file."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading metric files
+
+
+def record_kind(record: dict) -> str:
+    """'sweep' | 'probe' | 'finetune' from a metrics.json's keys (the schemas differ)."""
+    if "rfid_gt" in record:
+        return "sweep"
+    if "encoder" in record and "top1" in record:
+        return "probe"
+    if "top1" in record:
+        return "finetune"
+    raise ReportError("not a sweep, probe or fine-tune metrics file (no rfid_gt / top1 key)")
+
+
+def read_metrics(paths: Iterable[str | Path], kind: str | None = None) -> list[dict]:
+    """Load JSON metric files; each dict gets ``_path``. With ``kind``, refuse files of another kind."""
+    out = []
+    for path in paths:
+        path = Path(path)
+        try:
+            record = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise ReportError(f"{path}: cannot read metrics JSON: {exc}") from exc
+        try:
+            found = record_kind(record)
+        except ReportError as exc:
+            raise ReportError(f"{path}: {exc}") from None
+        if kind is not None and found != kind:
+            raise ReportError(f"{path}: expected a {kind} metrics file, got a {found} one")
+        record["_path"] = str(path)
+        out.append(record)
+    return out
+
+
+def sort_inputs(paths: Iterable[str | Path]) -> dict[str, list[Path]]:
+    """Group metric files by their content: {'sweep': [...], 'probe': [...], 'finetune': [...]}."""
+    groups: dict[str, list[Path]] = {"sweep": [], "probe": [], "finetune": []}
+    for record in read_metrics(paths):
+        groups[record_kind(record)].append(Path(record["_path"]))
+    return groups
+
+
+def _index(records: list[dict], key, what: str) -> dict:
+    """{key(record): record}, refusing two files for the same key."""
+    out: dict = {}
+    for r in records:
+        k = key(r)
+        if k in out:
+            raise ReportError(f"two {what} files for {k}: {out[k]['_path']} and {r['_path']}")
+        out[k] = r
+    return out
+
+
+def _fraction_to_percent(value, path: str, key: str) -> float:
+    if value is None:
+        return math.nan
+    if not 0.0 <= value <= 1.0:
+        raise ReportError(f"{path}: {key}={value} is not a fraction in [0, 1]")
+    return 100.0 * value
+
+
+# ---------------------------------------------------------------------------------------------
+# Config helpers
+
+
+def variants(cfg: dict) -> list[str]:
+    return list(cfg["tokenizer"]["variants"])
+
+
+def target_kept(cfg: dict, variant: str) -> int:
+    return int(cfg["tokenizer"]["variants"][variant]["kept"])
+
+
+def paper_k(cfg: dict, variant: str, kept: int) -> float:
+    """The paper's kept count with the same kept fraction K / L (an int when exact, else a float)."""
+    ours = cfg["tokenizer"]["variants"][variant]["tokens"]
+    theirs = PAPER_TOKENS.get(variant)
+    if theirs is None:
+        return math.nan
+    value = kept * theirs / ours
+    return int(value) if float(value).is_integer() else value
+
+
+def method_name(variant: str) -> str:
+    return f"MergeVQ ({variant})"
+
+
+def _intify(df: pd.DataFrame, columns: Sequence[str]) -> pd.DataFrame:
+    """Nullable integers so that token counts print as 144, not 144.0, beside empty cells."""
+    for c in columns:
+        if c in df and df[c].dropna().map(lambda v: float(v).is_integer()).all():
+            df[c] = df[c].astype("Int64")
+    return df
+
+
+# ---------------------------------------------------------------------------------------------
+# Protocol notes
+
+
+def _describe_extractor(name: str) -> str:
+    if name == "demo-classifier":
+        return ("demo-classifier features (a small CNN trained on the digits' training split; "
+                "not Inception-v3, so the values are not on the paper's scale)")
+    if name in ("inception-v3-compat", "inception"):
+        return "Inception-v3 pool3 features (torch-fidelity inception-v3-compat, 2048-d), as the paper"
+    return f"{name} features"
+
+
+def dataset_note(cfg: dict) -> str:
+    data = cfg["data"]
+    res = data["resolution"]
+    if data["dataset"] == "digits":
+        name = "scikit-learn digits (8x8 handwritten digits upsampled to RGB), its seeded validation split"
+    else:
+        name = f"ImageFolder at {data.get('root')} (validation split)"
+    return f"Dataset: {name}; resolution {res}x{res}. Paper: ImageNet-1K validation, 256x256."
+
+
+def fid_notes(records: list[dict]) -> list[str]:
+    """rFID protocol of a set of sweep records: extractor, image count, the smoke label."""
+    if not records:
+        return ["rFID: no reconstruction metrics files were given."]
+    protocols = [r.get("fid_protocol") or {} for r in records]
+    extractors = sorted({str(p.get("extractor", "unknown")) for p in protocols})
+    counts = sorted({int(p.get("num_images", r["num_images"])) for p, r in zip(protocols, records)})
+    smoke = any(p.get("smoke", False) for p in protocols) or min(counts) < SMOKE_THRESHOLD
+    refs = sorted({str(p["reference"]) for p in protocols if p.get("reference")})
+    notes = [
+        "rFID: Frechet distance between reconstructions and originals in "
+        + "; ".join(_describe_extractor(e) for e in extractors)
+        + f", on {', '.join(map(str, counts))} images"
+        + (f", reference {', '.join(refs)}" if refs else "")
+        + ". rfid_ci_low/rfid_ci_high: the interval stored with each rFID in metrics.json. "
+        "Paper: Inception-v3 on the 50,000 ImageNet validation images.",
+    ]
+    if smoke:
+        notes.append(
+            f"**smoke**: rFID from fewer than {SMOKE_THRESHOLD} images is biased upwards and noisy "
+            "(the feature covariance is poorly estimated); read it as a smoke test and compare "
+            "trends across rows, not values with the paper.")
+    return notes
+
+
+def paper_k_note(cfg: dict, shown: Sequence[str]) -> str:
+    parts = []
+    for v in shown:
+        ours = cfg["tokenizer"]["variants"][v]["tokens"]
+        if v in PAPER_TOKENS:
+            parts.append(f"{v}: L = {ours} here, {PAPER_TOKENS[v]} in the paper")
+    same = all(cfg["tokenizer"]["variants"][v]["tokens"] == PAPER_TOKENS.get(v) for v in shown)
+    return ("paper_k = K x L_paper / L_ours, the paper's kept count with the same kept fraction ("
+            + "; ".join(parts) + "). Paper columns are filled only where the paper's table has "
+            "exactly paper_k tokens"
+            + (" (here paper_k = K)." if same else
+               "; this config's K values are the paper's scaled by its token ratio."))
+
+
+def _percent_scale_note() -> str:
+    return "Accuracies and codebook usage in %; an empty cell means no metrics file (not evaluated)."
+
+
+# ---------------------------------------------------------------------------------------------
+# Table 1: linear probing and fine-tuning
+
+
+def build_table1(probe_jsons: Sequence[str | Path], finetune_jsons: Sequence[str | Path],
+                 paper_csv: str | Path, cfg: dict) -> Table:
+    """One row per variant at its target K, then the random-init encoders and raw pixels.
+
+    Columns: method, tokens, paper_tokens, linear_top1, finetune_top1, paper_linear_top1,
+    paper_finetune_top1 (paper rows: MergeVQ (G+R), (R); G has none).
+    """
+    probes = read_metrics(probe_jsons, "probe")
+    trained = _index([p for p in probes if p["encoder"] == "trained"],
+                     lambda r: (r["variant"], r["kept"]), "linear-probe")
+    random_init = _index([p for p in probes if p["encoder"] == "random_init"],
+                         lambda r: r["variant"], "random-init probe")
+    raw = _index([p for p in probes if p["encoder"] == "raw_pixels"], lambda r: "raw_pixels", "raw-pixel probe")
+    finetune = _index(read_metrics(finetune_jsons, "finetune"), lambda r: r["variant"], "fine-tune")
+    paper = pd.read_csv(paper_csv)
+
+    rows = []
+    for v in variants(cfg):
+        k = target_kept(cfg, v)
+        probe, ft = trained.get((v, k)), finetune.get(v)
+        if ft is not None and ft.get("kept") not in (None, k):
+            raise ReportError(f"{ft['_path']}: fine-tuned at K={ft['kept']}, but {v}'s kept count is {k}")
+        match = paper[paper["method"] == method_name(v)]
+        rows.append({
+            "method": method_name(v), "tokens": k,
+            "paper_tokens": match["tokens"].iloc[0] if len(match) else math.nan,
+            "linear_top1": _fraction_to_percent(probe["top1"], probe["_path"], "top1") if probe else math.nan,
+            "finetune_top1": _fraction_to_percent(ft["top1"], ft["_path"], "top1") if ft else math.nan,
+            "paper_linear_top1": match["linear_top1"].iloc[0] if len(match) else math.nan,
+            "paper_finetune_top1": match["finetune_top1"].iloc[0] if len(match) else math.nan,
+        })
+    for v in variants(cfg):
+        r = random_init.get(v)
+        rows.append({"method": f"{method_name(v)} encoder, random init",
+                     "tokens": r["kept"] if r and r.get("kept") is not None else target_kept(cfg, v),
+                     "linear_top1": _fraction_to_percent(r["top1"], r["_path"], "top1") if r else math.nan})
+    r = raw.get("raw_pixels")
+    rows.append({"method": "raw pixels",
+                 "linear_top1": _fraction_to_percent(r["top1"], r["_path"], "top1") if r else math.nan})
+    columns = ["method", "tokens", "paper_tokens", "linear_top1", "finetune_top1",
+               "paper_linear_top1", "paper_finetune_top1"]
+    df = _intify(pd.DataFrame(rows, columns=columns), ["tokens", "paper_tokens"])
+
+    notes = [dataset_note(cfg), _percent_scale_note()]
+    if probes:
+        feats = sorted({str(p.get("features")) for p in probes if p["encoder"] != "raw_pixels"})
+        epochs = sorted({p["epochs"] for p in probes})
+        sizes = sorted({(p["num_train"], p["num_val"]) for p in probes})
+        notes.append(
+            f"Linear probing: frozen features ({', '.join(feats) or 'none'}), BN + linear layer "
+            f"(MAE protocol), {', '.join(map(str, epochs))} epochs, "
+            + ", ".join(f"{a} train / {b} val images" for a, b in sizes)
+            + "; top-1 after the last epoch. tokens = K, the kept count the encoder merges to.")
+    if finetune:
+        fts = list(finetune.values())
+        notes.append(
+            f"Fine-tuning: end-to-end, {', '.join(str(e) for e in sorted({f['epochs'] for f in fts}))} epochs, "
+            + ", ".join(f"{a} train / {b} val images" for a, b in sorted({(f['num_train'], f['num_val']) for f in fts}))
+            + ".")
+    notes.append("Reference rows: the same probe on each variant's encoder at random initialisation, "
+                 "and on raw pixels; they bound what the training added.")
+    notes.append("Paper: ImageNet-1K, linear probing 90 epochs (MAE protocol), fine-tuning 100 epochs "
+                 "(SimMIM protocol); paper_tokens is the paper's K for the variant. The paper's "
+                 "Table 1 has no MergeVQ (G) row.")
+    return Table(df, notes)
+
+
+# ---------------------------------------------------------------------------------------------
+# Table 2: reconstruction
+
+
+def _rfid_cells(record: dict, which: str = "gt") -> dict:
+    r = record[f"rfid_{which}"]
+    return {"rfid": r["value"], "rfid_ci_low": r.get("ci_low", math.nan), "rfid_ci_high": r.get("ci_high", math.nan)}
+
+
+def _sweep_index(records: list[dict]) -> dict:
+    return _index(records, lambda r: (r["variant"], r["kept"]), "reconstruction")
+
+
+def _none_to_nan(value) -> float:
+    return math.nan if value is None else value
+
+
+def build_table2(sweep_jsons: Sequence[str | Path], paper_csv: str | Path, cfg: dict) -> Table:
+    """One row per variant at its target K: rFID (ground-truth S) with CI, codebook usage, PSNR,
+    SSIM, LPIPS; paper rFID / usage from the MergeVQ row with the same method and paper_k tokens."""
+    records = read_metrics(sweep_jsons, "sweep")
+    sweep = _sweep_index(records)
+    paper = pd.read_csv(paper_csv)
+    rows, used = [], []
+    for v in variants(cfg):
+        k = target_kept(cfg, v)
+        pk = paper_k(cfg, v, k)
+        rec = sweep.get((v, k))
+        match = paper[(paper["method"] == method_name(v)) & (paper["tokens"] == pk)]
+        row = {"method": method_name(v), "tokens": k, "paper_k": pk}
+        if rec is not None:
+            used.append(rec)
+            row.update(_rfid_cells(rec))
+            row.update({"codebook_usage_percent": _fraction_to_percent(rec["codebook_usage"], rec["_path"], "codebook_usage"),
+                        "psnr": rec["psnr_gt"], "ssim": rec["ssim_gt"], "lpips": _none_to_nan(rec.get("lpips_gt"))})
+        row.update({"paper_rfid": match["rfid"].iloc[0] if len(match) else math.nan,
+                    "paper_usage_percent": match["usage_percent"].iloc[0] if len(match) else math.nan})
+        rows.append(row)
+    columns = ["method", "tokens", "paper_k", "rfid", "rfid_ci_low", "rfid_ci_high", "codebook_usage_percent",
+               "psnr", "ssim", "lpips", "paper_rfid", "paper_usage_percent"]
+    df = _intify(pd.DataFrame(rows, columns=columns), ["tokens", "paper_k"])
+    bits = cfg["tokenizer"]["codebook_bits"]
+    notes = [dataset_note(cfg), *fid_notes(used),
+             "Reconstructions decode with the encoder's source matrix S (Table 5 has S_hat); "
+             "PSNR in dB, SSIM and LPIPS per image, averaged"
+             + ("; LPIPS empty: off in this config (no VGG16 weights)." if df["lpips"].isna().all() and used else "."),
+             f"Codebook usage: share of the 2^{bits} LFQ codes used on the validation set, % "
+             "(the paper: 2^18 codes).",
+             paper_k_note(cfg, variants(cfg)),
+             _percent_scale_note()]
+    return Table(df, notes)
+
+
+# ---------------------------------------------------------------------------------------------
+# Table 4: the kept-count sweep
+
+# Table 4's paper columns per variant: our column -> table4.csv column (README "How we read Table 4").
+PAPER_TABLE4 = {
+    "G": {"paper_rfid": "g_rfid"},
+    "G+R": {"paper_rfid": "gr_rfid", "paper_steps": "gr_steps", "paper_linear_top1": "gr_acc",
+            "paper_gflops": "gr_flops_g"},
+    "R": {"paper_linear_top1": "r_acc"},
+}
+
+
+def build_table4(sweep_jsons: Sequence[str | Path], probe_jsons: Sequence[str | Path],
+                 paper_csv: str | Path, cfg: dict) -> Table:
+    """One row per (variant, K) of the sweep: rFID (with CI), PSNR, linear-probe top-1 at that K,
+    encoder/decoder GMACs, sampling steps; paper values at paper_k from Table 4."""
+    records = read_metrics(sweep_jsons, "sweep")
+    sweep = _sweep_index(records)
+    probes = read_metrics(probe_jsons, "probe")
+    trained = _index([p for p in probes if p["encoder"] == "trained"],
+                     lambda r: (r["variant"], r["kept"]), "linear-probe")
+    paper = pd.read_csv(paper_csv)
+    order = {v: i for i, v in enumerate(variants(cfg))}
+    for key, rec in [*sweep.items(), *trained.items()]:
+        if key[0] not in order:
+            raise ReportError(f"{rec['_path']}: variant {key[0]!r} is not in the config ({list(order)})")
+    for v in order:  # a sweep is one tokenizer evaluated at several K (Fig. 3's protocol)
+        shas = {r.get("tokenizer_sha256") for (rv, _), r in sweep.items() if rv == v}
+        if len(shas) > 1:
+            raise ReportError(f"the {v} sweep mixes tokenizers (sha256 {sorted(map(str, shas))}); "
+                              "re-run the sweep so that all K come from one tokenizer")
+
+    rows = []
+    for v, k in sorted(set(sweep) | set(trained), key=lambda vk: (order[vk[0]], -vk[1])):
+        rec, probe = sweep.get((v, k)), trained.get((v, k))
+        pk = paper_k(cfg, v, k)
+        row = {"variant": v, "tokens": k, "paper_k": pk}
+        if rec is not None:
+            row.update(_rfid_cells(rec))
+            row.update({"psnr": rec["psnr_gt"], "encoder_gmacs": rec["encoder_gmacs"],
+                        "decoder_gmacs": rec["decoder_gmacs"],
+                        "gmacs": rec["encoder_gmacs"] + rec["decoder_gmacs"],
+                        "sampling_steps": rec["sampling_steps"]})
+        if probe is not None:
+            row["linear_top1"] = _fraction_to_percent(probe["top1"], probe["_path"], "top1")
+        match = paper[paper["tokens"] == pk]
+        for ours, theirs in PAPER_TABLE4.get(v, {}).items():
+            row[ours] = match[theirs].iloc[0] if len(match) else math.nan
+        rows.append(row)
+    columns = ["variant", "tokens", "paper_k", "rfid", "rfid_ci_low", "rfid_ci_high", "psnr", "linear_top1",
+               "encoder_gmacs", "decoder_gmacs", "gmacs", "sampling_steps",
+               "paper_rfid", "paper_linear_top1", "paper_steps", "paper_gflops"]
+    df = _intify(pd.DataFrame(rows, columns=columns), ["tokens", "paper_k", "sampling_steps", "paper_steps"])
+
+    res = cfg["data"]["resolution"]
+    steps = df.dropna(subset=["sampling_steps"])
+    steps_equal_k = bool(len(steps)) and bool((steps["sampling_steps"] == steps["tokens"]).all())
+    shown = [v for v in order if v in set(df["variant"])]
+    notes = [
+        dataset_note(cfg),
+        "Protocol: one tokenizer per variant, trained with its merge-ratio sampler around its kept count, "
+        "evaluated at every K of its sweep by changing the kept count at inference (as Fig. 3's caption "
+        "describes). The paper's Table 4 caption says 'the number of kept tokens during training', which "
+        "reads as one tokenizer per K; our rows differ from it in that.",
+        *fid_notes([r for r in records if r["variant"] in order]),
+        "linear_top1: linear probe on the frozen encoder's features at that K; empty where no probe "
+        "file exists. The paper's Acc. column (48.6-54.3) comes from a shorter ablation schedule than "
+        "Table 1 and is not comparable with it.",
+        f"GMACs: multiply-accumulates x 1e9 per image at {res}x{res}, encoder + decoder (Source "
+        "Recovery not counted), fvcore's convention that Table A1 calls FLOPs. paper_gflops is Table "
+        "4's FLOPs column (256x256), which does not match Table A1's encoder + decoder sum "
+        "(results/paper/README.md, caveat (i)).",
+        "#Step: the paper prints K/4 (its rows: 64 steps at 256 tokens). sampling_steps is ours: the "
+        "autoregressive steps to generate a K-token raster sequence, one token per step"
+        + (", which equals K in every row." if steps_equal_k else " (as stored in metrics.json)."),
+        paper_k_note(cfg, shown),
+        "Paper columns: rFID from G's column (G rows) or G+R's (G+R rows); steps, Acc. and FLOPs from "
+        "G+R's; R's only value is Acc. 54.3 at 36 tokens (README's reading of the garbled table).",
+        _percent_scale_note(),
+    ]
+    return Table(df, notes)
+
+
+# ---------------------------------------------------------------------------------------------
+# Table 5: stage-1 rows (source recovery)
+
+
+def build_table5(sweep_jsons: Sequence[str | Path], paper_csv: str | Path, cfg: dict) -> Table:
+    """Two rows per variant at its target K: decoding with the encoder's S and with Source
+    Recovery's S_hat (rFID with CI, PSNR, SSIM; source accuracy with its chance level and the
+    position-only baseline on the S_hat row). Paper rFID from the stage-1 rows of Table 5."""
+    records = read_metrics(sweep_jsons, "sweep")
+    sweep = _sweep_index(records)
+    paper = pd.read_csv(paper_csv)
+    rows, used = [], []
+    for v in variants(cfg):
+        k = target_kept(cfg, v)
+        pk = paper_k(cfg, v, k)
+        rec = sweep.get((v, k))
+        if rec is not None:
+            used.append(rec)
+        for label, which in ((RECOVERY_GT, "gt"), (RECOVERY_PRED, "pred")):
+            row = {"version": f"({v})", "recovery": label, "tokens": k, "paper_k": pk}
+            if rec is not None:
+                row.update(_rfid_cells(rec, which))
+                row.update({"psnr": rec[f"psnr_{which}"], "ssim": rec[f"ssim_{which}"]})
+                if which == "pred":
+                    row.update({key: _fraction_to_percent(rec[key], rec["_path"], key)
+                                for key in ("source_accuracy", "source_accuracy_chance",
+                                            "source_accuracy_position_baseline")})
+            match = paper[(paper["version"] == f"({v})") & (paper["recovery"] == PAPER_RECOVERY[label])
+                          & (paper["generator"] == "none") & (paper["tokens"] == pk)]
+            row["paper_rfid"] = match["rfid"].iloc[0] if len(match) else math.nan
+            rows.append(row)
+    columns = ["version", "recovery", "tokens", "paper_k", "rfid", "rfid_ci_low", "rfid_ci_high", "psnr", "ssim",
+               "source_accuracy", "source_accuracy_chance", "source_accuracy_position_baseline", "paper_rfid"]
+    df = _intify(pd.DataFrame(rows, columns=columns), ["tokens", "paper_k"])
+    notes = [
+        dataset_note(cfg), *fid_notes(used),
+        f"'{RECOVERY_GT}': token recovery (Eq. 14) with the encoder's source matrix; "
+        f"'{RECOVERY_PRED}': with S_hat = argmax of the Source Recovery logits (Eq. 10), compared "
+        "with the paper's '2-layer Cross-Attention' row (Source Recovery, Table A2).",
+        "source_accuracy: agreement of S_hat with S over the L positions, %, with its chance level "
+        "(source_accuracy_chance) and the accuracy of a predictor that uses the position only "
+        "(source_accuracy_position_baseline), as `mergevq evaluate` stores them; both are floors "
+        "that Source Recovery has to beat to use the token content.",
+        paper_k_note(cfg, variants(cfg)),
+        "Only the paper's stage-1 rows (no generator) are compared; the generator rows of Table 5 "
+        "belong to stage 2. The paper reports them for (G+R) only.",
+    ]
+    return Table(df, notes)
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing
+
+
+def to_markdown(table: Table, title: str | None = None) -> str:
+    """Markdown: optional title, the table (empty cells as an em dash), then the notes as a list."""
+    shown = table.frame.astype(object).where(table.frame.notna(), None)
+    body = shown.to_markdown(index=False, floatfmt=".4g", missingval="—")
+    parts = ([f"# {title}", ""] if title else []) + [body, "", "Notes:", ""]
+    parts += [f"- {n}" for n in table.notes]
+    return "\n".join(parts) + "\n"
+
+
+def write_table(df: pd.DataFrame, notes: list[str], csv_path: str | Path, title: str | None = None) -> Path:
+    """Write ``csv_path`` (data only) and its ``.md`` twin (table + notes), each atomically."""
+    from mergevq.files import write_text
+
+    csv_path = Path(csv_path)
+    write_text(csv_path, df.to_csv(index=False, float_format="%.6g"))
+    md_path = csv_path.with_suffix(".md")
+    write_text(md_path, to_markdown(Table(df, notes), title))
+    return md_path
+
+
+def build(name: str, inputs: Sequence[str | Path], cfg: dict, paper_csv: str | Path | None = None) -> Table:
+    """Build table ``name`` from metric files of any kind (they are sorted by their content)."""
+    if name not in TABLES:
+        raise ReportError(f"unknown table {name!r}; tables: {', '.join(TABLES)}")
+    paper_csv = Path(paper_csv) if paper_csv else PAPER_DIR / f"{name}.csv"
+    groups = sort_inputs(inputs)
+    if name == "table1":
+        return build_table1(groups["probe"], groups["finetune"], paper_csv, cfg)
+    if name == "table2":
+        return build_table2(groups["sweep"], paper_csv, cfg)
+    if name == "table4":
+        return build_table4(groups["sweep"], groups["probe"], paper_csv, cfg)
+    return build_table5(groups["sweep"], paper_csv, cfg)
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line: mergevq table NAME --config C --inputs FILES... --out results/{run}/tables/NAME.csv
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("name", choices=TABLES, help="which table")
+    parser.add_argument("--config", required=True, help="YAML config")
+    parser.add_argument("--inputs", nargs="*", default=[], metavar="JSON",
+                        help="metrics.json files of any kind (sweep, probe, fine-tune); sorted by content")
+    parser.add_argument("--paper", default=None, help="paper CSV (default results/paper/NAME.csv)")
+    parser.add_argument("--out", required=True, help="output CSV; the Markdown twin goes beside it (.md)")
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides")
+
+
+def run(args: argparse.Namespace) -> int:
+    from mergevq.config import load_config
+
+    cfg = load_config(args.config, args.set)
+    table = build(args.name, args.inputs, cfg, args.paper)
+    md = write_table(table.frame, table.notes, args.out, TITLES[args.name])
+    print(f"wrote {args.out} and {md}")
+    return 0
