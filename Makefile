@@ -7,6 +7,9 @@ STAMP := $(VENV)/.installed-stamp
 CORES ?= 2
 export HF_HUB_OFFLINE := 1
 export PYTHONUNBUFFERED := 1
+# One thread per job: snakemake runs $(CORES) jobs side by side, and OpenMP threads spinning on an
+# oversubscribed CPU are many times slower than one thread each.
+export OMP_NUM_THREADS := 1
 
 .PHONY: demo test venv dryrun clean-demo
 

@@ -19,6 +19,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "fid": ("mergevq.eval.fidelity", "FID between two folders of PNG images (and IS of the first), via torch-fidelity"),
     "evaluate": ("mergevq.eval.tokenizer_eval", "score a tokenizer at a kept count: PSNR/SSIM/LPIPS, rFID (S and S-hat), source accuracy, usage, MACs"),
     "reference-features": ("mergevq.eval.tokenizer_eval:reference", "features of the validation originals under the FID extractor (computed once per run)"),
+    "linear-probe": ("mergevq.eval.probe_cli", "linear probe (BN + linear) on frozen encoder features, a random-init encoder or raw pixels"),
+    "finetune": ("mergevq.eval.finetune", "end-to-end fine-tuning of a tokenizer's encoder with a classification head"),
     "table": ("mergevq.report.tables", "build a reproduced table (ours beside the paper's) as CSV + Markdown"),
     "figure": ("mergevq.report.figures", "draw one of the paper's figures from metrics or tokenizers"),
     "fetch-weights": ("mergevq.weights", "download the pretrained weight files named in a config (needs internet)"),

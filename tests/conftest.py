@@ -6,7 +6,8 @@ os.environ.setdefault("TORCH_HOME", os.path.join(os.path.dirname(__file__), ".."
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-torch.set_num_threads(min(2, torch.get_num_threads()))
+# One thread: OpenMP spinning with 2 threads on a busy 2-core machine is 50-100x slower.
+torch.set_num_threads(1)
 
 
 @pytest.fixture

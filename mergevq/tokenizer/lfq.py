@@ -40,6 +40,8 @@ confident per token, diverse over the batch. Open-MAGVIT2 materialises the (B*N,
 """
 from __future__ import annotations
 
+import contextlib
+
 import math
 from typing import NamedTuple
 
@@ -269,7 +271,10 @@ class LFQ(nn.Module):
         if z.shape[-1] != self.bits:
             raise ValueError(f"LFQ with bits={self.bits} got z with last dimension {z.shape[-1]}")
         sync = self.training if self.sync_entropy is None else self.sync_entropy
-        with torch.autocast(device_type=z.device.type, enabled=False):
+        # autocast has no meta backend; a meta tensor (shape checks of the paper presets) needs none
+        no_autocast = (contextlib.nullcontext() if z.device.type == "meta"
+                       else torch.autocast(device_type=z.device.type, enabled=False))
+        with no_autocast:
             z = z.float()
             quantized = sign_quantize(z)  # Eq. (4)
             indices = codes_to_indices(quantized.detach())

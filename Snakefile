@@ -1,0 +1,68 @@
+# MergeVQ reproduction: the whole pipeline as one DAG.
+#   cluster:  snakemake --profile profiles/slurm all                 (config/config.yaml, the paper)
+#   laptop:   snakemake all --configfile config/demo.yaml --cores 2  (what `make demo` runs)
+# Rules call the `mergevq` command line; all logic lives in the package.
+from pathlib import Path
+
+import yaml
+from snakemake.utils import min_version, validate
+
+from mergevq.config import config_hash, resolve_snakemake_config, save_config, variant_config
+
+min_version("9.0")
+
+# No `configfile:` directive on purpose: Snakemake would deep-merge --configfile over it (see
+# mergevq.config.resolve_snakemake_config). The resolved config replaces `config` wholesale.
+CONFIG_PATH, _resolved = resolve_snakemake_config(
+    workflow.overwrite_configfiles, workflow.config_settings.config, "config/config.yaml"
+)
+validate(_resolved, "workflow/schemas/config.schema.yaml")
+config.clear()
+config.update(_resolved)
+
+RUN = config["run"]
+OUT = f"results/{RUN}"
+VARIANTS = list(config["tokenizer"]["variants"])
+
+# The resolved config, written once per run (only when its content changed, so its mtime stays
+# put); every job reads this file, so Snakemake and the jobs use the same object.
+RESOLVED = Path(OUT) / "config.yaml"
+if not RESOLVED.exists() or yaml.safe_load(RESOLVED.read_text()) != config:
+    save_config(dict(config), RESOLVED)
+
+
+def res(kind):
+    """Resources of a rule class from the config (gpu, mem_mb, runtime, cpus_per_task)."""
+    return config["resources"][kind]
+
+
+def launch(kind):
+    """`mergevq`, or torchrun with one process per GPU when the rule class asks for several."""
+    gpus = res(kind)["gpu"]
+    return f"torchrun --standalone --nproc_per_node={gpus} -m mergevq" if gpus > 1 else "mergevq"
+
+
+def variant_hash(variant):
+    """Params trigger: a tokenizer job reruns when its own variant's settings change, not others'."""
+    return config_hash({"variant": variant_config(config, variant), "data": config["data"], "seed": config["seed"]})
+
+
+# The demo scores FID with its own digits classifier (its own rule); the paper config uses
+# torch-fidelity's Inception-v3 from weights.inception.
+CLASSIFIER = f"{OUT}/eval/demo_classifier.pt" if config["eval"]["fid"]["extractor"] == "demo-classifier" else []
+
+
+include: "workflow/rules/data.smk"
+include: "workflow/rules/tokenizer.smk"
+include: "workflow/rules/sweep.smk"
+include: "workflow/rules/evaluate.smk"
+include: "workflow/rules/report.smk"
+
+
+rule all:
+    input:
+        expand(f"{OUT}/tables/{{table}}.{{ext}}", table=["table1", "table2", "table4", "table5"], ext=["csv", "md"]),
+        expand(
+            f"{OUT}/figures/{{fig}}.png",
+            fig=["fig3_tradeoff", "fig4_merge_maps", "fig5_merge_sampling", "figA1_reconstructions"],
+        ),

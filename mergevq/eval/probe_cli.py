@@ -1,0 +1,174 @@
+"""The ``mergevq linear-probe`` command: frozen features -> mergevq.eval.linear_probe (App. A.4).
+
+Features of the whole train and val splits (evaluation transform, eval mode, no gradients) come
+from one of three encoders:
+* ``--tokenizer model.pt [--kept K]``: a trained tokenizer's EMA encoder at K merged tokens;
+* ``--random-init VARIANT [--kept K]``: the same architecture as that variant's preset with
+  random weights (torch.manual_seed(seed) then the trainer's build), the baseline a trained
+  encoder has to beat;
+* ``--raw-pixels``: the images themselves, for context.
+For an encoder, ``eval.linear_probe.features`` picks the feature (FEATURE_KINDS):
+  tokens_mean     the pre-quantisation merged tokens ``hidden`` (B, K, d) averaged over K: the
+                  paper's "latent token space" (default);
+  quantized_mean  the LFQ codes sign(z) (B, K, bits) averaged over K;
+  global          the encoder's cls-token output (B, d).
+Raw pixels are the [-1, 1] images, area-averaged to at most 32 x 32 (an ImageNet 256 px probe on
+full-resolution pixels would hold 1.28M x 196,608 floats), then flattened.
+
+The JSON (written atomically): {"variant", "kept", "encoder": "trained"|"random_init"|"raw_pixels",
+"features", "top1", "train_top1", "epochs", "num_train", "num_val"}.
+"""
+from __future__ import annotations
+
+import argparse
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from mergevq.tokenizer import MergeVQ
+from mergevq.tokenizer.lfq import sign_quantize
+
+FEATURE_KINDS = ("tokens_mean", "quantized_mean", "global")
+RAW_PIXELS = "raw_pixels"
+MAX_PIXEL_SIDE = 32
+
+
+class Features(NamedTuple):
+    features: torch.Tensor  # (N, D) float32 on the CPU
+    labels: torch.Tensor  # (N,) int64
+
+
+def pool_features(encoded, kind: str) -> torch.Tensor:
+    """An EncoderOutput -> (B, D) features of `kind` (one of FEATURE_KINDS)."""
+    if kind == "tokens_mean":
+        return encoded.hidden.mean(dim=1)  # (B, d)
+    if kind == "quantized_mean":
+        return sign_quantize(encoded.z.float()).mean(dim=1)  # (B, bits), Eq. (4) codes averaged
+    if kind == "global":
+        return encoded.global_feature  # (B, d)
+    raise ValueError(f"unknown feature kind {kind!r}; expected one of {FEATURE_KINDS + (RAW_PIXELS,)}")
+
+
+def pixel_features(images: torch.Tensor) -> torch.Tensor:
+    """images (B, 3, H, W) -> (B, 3 * h * w) with h = w = min(H, 32) by area averaging."""
+    side = min(images.shape[-1], MAX_PIXEL_SIDE)
+    if images.shape[-2:] != (side, side):
+        images = F.adaptive_avg_pool2d(images, side)
+    return images.flatten(1)
+
+
+@torch.no_grad()
+def extract_features(model: MergeVQ | None, dataset: Dataset, kept: int | None, kind: str, batch_size: int,
+                     device: str | torch.device | None = None, *, num_workers: int = 0,
+                     progress: bool = False) -> Features:
+    """Features of every item of dataset (image (3, R, R) in [-1, 1], label int), in order.
+
+    kind: one of FEATURE_KINDS (model's encoder at `kept` tokens, in eval mode, no gradients) or
+    "raw_pixels" (model and kept unused). Returns Features(features (N, D) fp32 CPU, labels (N,)).
+    """
+    if kind not in FEATURE_KINDS + (RAW_PIXELS,):
+        raise ValueError(f"unknown feature kind {kind!r}; expected one of {FEATURE_KINDS + (RAW_PIXELS,)}")
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if kind != RAW_PIXELS:
+        if model is None or kept is None:
+            raise ValueError(f"feature kind {kind!r} needs a model and a kept count")
+        model.eval().to(device)
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                        pin_memory=device.type == "cuda")
+    feats, labels = [], []
+    for images, y in tqdm(loader, desc=f"features ({kind})", unit="batch", disable=not progress):
+        if kind == RAW_PIXELS:
+            f = pixel_features(images.float())
+        else:
+            images = images.to(device, non_blocking=True)
+            with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                f = pool_features(model.encode(images, kept), kind)
+        feats.append(f.float().cpu())
+        labels.append(torch.as_tensor(y, dtype=torch.int64))
+    if not feats:
+        raise ValueError("extract_features: the dataset is empty")
+    return Features(torch.cat(feats), torch.cat(labels))
+
+
+def random_init_tokenizer(cfg: dict, variant: str, seed: int) -> MergeVQ:
+    """The variant's tokenizer as the trainer builds it, with random weights drawn after manual_seed(seed)."""
+    from mergevq.config import variant_config
+    from mergevq.tokenizer import build_tokenizer
+
+    vc = variant_config(cfg, variant)
+    torch.manual_seed(seed)
+    return build_tokenizer(vc["preset"], bits=vc["codebook_bits"], kept=vc["kept"],
+                           entropy_temperature=vc["loss"]["entropy_temperature"],
+                           entropy_group_bits=vc["loss"]["entropy_group_bits"],
+                           **vc.get("model_overrides", {})).eval()
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", required=True, help="config YAML (data, eval.linear_probe settings)")
+    parser.add_argument("--out", required=True, help="metrics JSON to write")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--tokenizer", help="stage-1 model.pt: probe its frozen EMA encoder")
+    source.add_argument("--random-init", metavar="VARIANT", help="probe a randomly initialised encoder of this variant")
+    source.add_argument("--raw-pixels", action="store_true", help="probe the pixels (context baseline)")
+    parser.add_argument("--kept", type=int, default=None,
+                        help="merged tokens K (default: the variant's kept count; not with --raw-pixels)")
+    parser.add_argument("--device", default=None, help="cuda / cpu (default: cuda when available)")
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides")
+
+
+def run(args: argparse.Namespace) -> int:
+    from mergevq.config import ConfigError, load_config
+    from mergevq.data import build_dataset
+    from mergevq.eval.linear_probe import train_linear_probe
+    from mergevq.files import write_json
+
+    cfg = load_config(args.config, args.set)
+    lp = cfg["eval"]["linear_probe"]
+    seed = cfg["seed"]
+    if args.raw_pixels:
+        if args.kept is not None:
+            raise ConfigError("--kept has no meaning with --raw-pixels")
+        model, variant, kept, encoder, kind = None, None, None, RAW_PIXELS, RAW_PIXELS
+    else:
+        if args.tokenizer:
+            from mergevq.train.tokenizer import load_tokenizer
+
+            model, art = load_tokenizer(args.tokenizer, weights="ema")
+            variant, default_kept, encoder = art["variant"], art["kept"], "trained"
+        else:
+            model = random_init_tokenizer(cfg, args.random_init, seed)
+            variant, encoder = args.random_init, "random_init"
+            default_kept = cfg["tokenizer"]["variants"][variant]["kept"]
+        if model.resolution != cfg["data"]["resolution"]:
+            raise ConfigError(f"the {variant} tokenizer is built for {model.resolution} px but data.resolution is "
+                              f"{cfg['data']['resolution']}")
+        kept = int(args.kept if args.kept is not None else default_kept)
+        if not 1 <= kept <= model.num_tokens:
+            raise ConfigError(f"--kept {kept} is not in [1, {model.num_tokens}] for variant {variant}")
+        kind = lp.get("features", "tokens_mean")
+
+    workers = int(cfg["data"].get("num_workers", 0))
+    batch = int(lp["batch_size"])
+    train = extract_features(model, build_dataset(cfg, "train", "eval"), kept, kind, batch, args.device,
+                             num_workers=workers, progress=True)
+    val = extract_features(model, build_dataset(cfg, "val", "eval"), kept, kind, batch, args.device,
+                           num_workers=workers, progress=True)
+    del model
+    result = train_linear_probe(train.features, train.labels, val.features, val.labels,
+                                num_classes=int(cfg["data"]["num_classes"]), epochs=int(lp["epochs"]),
+                                lr=float(lp["lr"]), batch_size=batch, weight_decay=float(lp["weight_decay"]),
+                                seed=seed, device=args.device)
+    metrics = {"variant": variant, "kept": kept, "encoder": encoder, "features": kind, "top1": result.top1,
+               "train_top1": result.train_top1, "epochs": int(lp["epochs"]), "num_train": len(train.labels),
+               "num_val": len(val.labels)}
+    write_json(args.out, metrics)
+    what = encoder if variant is None else f"{encoder} {variant} K={kept}"
+    print(f"linear probe ({what}, {kind}): top-1 {result.top1:.4f} (train {result.train_top1:.4f})")
+    return 0

@@ -1,0 +1,345 @@
+"""Stage 1: train a MergeVQ tokenizer (Sec. 3, App. A.1, A.3, Table A1) with the shared loop.
+
+Per step (batch x, kept count K drawn by the merge-ratio sampler, Eq. 19/20):
+  generator: recon (L2/L1) + perceptual (LPIPS) + commitment + LFQ entropy + source (Eq. 11)
+             + alignment (Eq. 12) + adversarial (hinge, from `gan_start`), one AdamW step
+  discriminator (from `gan_start`): hinge + LeCam, one AdamW step
+  EMA of the tokenizer weights (and of the self-distillation teacher when `teacher: ema`)
+
+`mergevq train-tokenizer --config C --variant V --out DIR [--max-steps N]`.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from mergevq.config import config_hash, load_config, variant_config
+from mergevq.data import build_dataset
+from mergevq.data.merge_sampling import MergeRatioSampler
+from mergevq.losses import DINOv2Teacher, EMASelfDistillation, PerceptualLoss, ProjectionHead, alignment_loss
+from mergevq.tokenizer import MergeVQ, TokenizerConfig, build_tokenizer
+from mergevq.tokenizer.discriminator import LeCam, PatchGANDiscriminator, adaptive_generator_weight, hinge_d_loss, hinge_g_loss
+from mergevq.tokenizer.lfq import codebook_usage
+from mergevq.train.distributed import DistEnv
+from mergevq.train.ema import ModelEMA
+from mergevq.train.loop import LoopConfig, fit
+from mergevq.train.schedule import lr_lambda
+from mergevq.weights import require_weight
+
+
+
+class AlignBranch(nn.Module):
+    """images -> projection-head logits of the encoder's global (CLS) feature: the student of Eq. (12)."""
+
+    def __init__(self, encoder: nn.Module, head: nn.Module):
+        super().__init__()
+        self.encoder, self.head = encoder, head
+
+    def forward(self, images: torch.Tensor, kept: int) -> torch.Tensor:
+        return self.head(self.encoder(images, kept).global_feature)
+
+
+class Student(nn.Module):
+    """Everything the generator step trains, as one module so DDP can wrap it."""
+
+    def __init__(self, tokenizer: MergeVQ, align_head: nn.Module | None):
+        super().__init__()
+        self.tokenizer, self.align_head = tokenizer, align_head
+
+    def forward(self, images, kept, source_grad_to_encoder=True, source_loss_type="bce"):
+        out = self.tokenizer(images, kept, source_grad_to_encoder=source_grad_to_encoder,
+                             source_loss_type=source_loss_type)
+        align = self.align_head(out.encoded.global_feature) if self.align_head is not None else None
+        return out, align
+
+
+def augment_view(images: torch.Tensor, scale=(0.4, 1.0), flip: bool = True) -> torch.Tensor:
+    """A random resized crop (+ optional horizontal flip) per image, back to the input size: the
+    second view v of Eq. (12). Uses the global torch RNG, which checkpoints restore."""
+    B, _, H, W = images.shape
+    out = torch.empty_like(images)
+    for i in range(B):
+        s = float(torch.empty(1).uniform_(*scale))
+        h = w = max(2, int(round(math.sqrt(s) * H)))
+        top = int(torch.randint(0, H - h + 1, (1,)))
+        left = int(torch.randint(0, W - w + 1, (1,)))
+        crop = images[i:i + 1, :, top:top + h, left:left + w]
+        crop = F.interpolate(crop, size=(H, W), mode="bilinear", align_corners=False)
+        if flip and bool(torch.rand(1) < 0.5):
+            crop = crop.flip(-1)
+        out[i] = crop[0]
+    return out
+
+
+def psnr(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Per-image PSNR (dB) of images in [-1, 1] (data range 2), after clamping x to the range."""
+    mse = (x.clamp(-1, 1) - y).pow(2).flatten(1).mean(1)
+    return 10 * torch.log10(4.0 / mse.clamp_min(1e-12))
+
+
+def source_accuracy(logits: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
+    """Share of positions whose predicted owner (argmax over K of logits (B, L, K)) owns them in S (B, K, L)."""
+    owner_true = source.argmax(1)  # (B, L): each column of S has exactly one 1
+    return (logits.argmax(-1) == owner_true).float().mean()
+
+
+class TokenizerStage:
+    """Stage-1 state and step for one variant; used by mergevq.train.loop.fit."""
+
+    def __init__(self, cfg: dict, variant: str, dist: DistEnv):
+        self.cfg, self.name, self.dist = cfg, variant, dist
+        vc = variant_config(cfg, variant)
+        self.vc, self.tr, self.ls = vc, vc["train"], vc["loss"]
+        self.device = dist.device
+        self.kept_target = vc["kept"]
+        self.sampler = MergeRatioSampler.from_config(vc["merge_sampling"])
+        self.tokenizer = build_tokenizer(vc["preset"], bits=vc["codebook_bits"], kept=vc["kept"],
+                                         entropy_temperature=self.ls["entropy_temperature"],
+                                         entropy_group_bits=self.ls["entropy_group_bits"],
+                                         **vc.get("model_overrides", {})).to(self.device)
+        if self.tokenizer.num_tokens != vc["tokens"]:
+            raise ValueError(f"tokenizer.variants.{variant}.tokens = {vc['tokens']} but preset "
+                             f"{vc['preset']!r} makes {self.tokenizer.num_tokens} tokens at its resolution")
+        if self.tokenizer.resolution != cfg["data"]["resolution"]:
+            raise ValueError(f"preset {vc['preset']!r} is built for {self.tokenizer.resolution} px but "
+                             f"data.resolution is {cfg['data']['resolution']}")
+        if self.tokenizer.config.dinov2_init:  # weight selection from DINOv2-Base (G, G+R; App. A.1)
+            from mergevq.tokenizer import init_from_dinov2
+
+            init_from_dinov2(self.tokenizer.encoder, require_weight(cfg, "dinov2_base"))
+        width = self.tokenizer.encoder.dim  # the global (CLS) feature's width
+        # Alignment (Eq. 12): head on the encoder's global feature.
+        self.teacher = self.distill = None
+        head = None
+        if self.ls["align"] > 0:
+            if self.ls["teacher"] == "dinov2":
+                self.teacher = DINOv2Teacher(require_weight(cfg, "dinov2_base")).to(self.device)
+                head = ProjectionHead(width, self.teacher.embed_dim, hidden_dim=2048, normalize=False)
+            else:
+                head = ProjectionHead(width, 256, hidden_dim=max(256, 2 * width), bottleneck_dim=64)
+        self.student = Student(self.tokenizer, head).to(self.device)
+        if self.ls["align"] > 0 and self.ls["teacher"] == "ema":
+            self.distill = EMASelfDistillation(AlignBranch(self.tokenizer.encoder, head), out_dim=256).to(self.device)
+        self.ema = ModelEMA(self.tokenizer, self.tr["ema_decay"])
+        self.perceptual = (PerceptualLoss(require_weight(cfg, "vgg16")).to(self.device)
+                           if self.ls["perceptual"] > 0 else None)
+        self.use_gan = self.ls["gan"] > 0
+        self.disc = (PatchGANDiscriminator(norm=self.ls["discriminator_norm"]).to(self.device)
+                     if self.use_gan else None)
+        self.lecam = LeCam(self.ls["lecam_ema"]).to(self.device) if self.use_gan else None
+        self.train_module = self.student
+        if dist.distributed:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            ids = [dist.device.index] if dist.device.type == "cuda" else None
+            self.train_module = DDP(self.student, device_ids=ids, find_unused_parameters=True)
+            if self.disc is not None:
+                self.disc = DDP(self.disc, device_ids=ids)
+        kw = dict(lr=self.tr["lr"], betas=tuple(self.tr["betas"]), weight_decay=self.tr["weight_decay"])
+        self.opt_g = torch.optim.AdamW([p for p in self.student.parameters() if p.requires_grad], **kw)
+        self.lr_multiplier = lr_lambda(self.tr["scheduler"], vc["steps"], self.tr["warmup_steps"],
+                                       self.tr["step_milestones"])
+        self.sched_g = torch.optim.lr_scheduler.LambdaLR(self.opt_g, self.lr_multiplier)
+        self.opt_d = None
+        if self.disc is not None:
+            self.opt_d = torch.optim.AdamW(self.disc.parameters(), **kw)
+        self.autocast = (dict(device_type="cuda", dtype=torch.bfloat16)
+                         if self.device.type == "cuda" and self.tr["precision"] == "bf16" else None)
+        self.val_images = None
+
+    # -- one step ----------------------------------------------------------------------------
+    def train_step(self, batch, step: int) -> dict[str, float]:
+        images = batch[0].to(self.device, non_blocking=True)
+        kept = self.sampler.sample(step, self.cfg["seed"])  # same on every rank, exact on resume
+        ls = self.ls
+        gan_on = self.use_gan and step >= ls["gan_start"]
+        self.student.train()
+        with torch.autocast(**self.autocast) if self.autocast else _nullcontext():
+            out, align_logits = self.train_module(images, kept, ls["source_grad_to_encoder"], ls["source_type"])
+            recon = out.reconstruction.float()
+            rec = (recon - images).pow(2).mean() if ls["recon_type"] == "l2" else (recon - images).abs().mean()
+            terms = {"recon": rec, "commitment": out.quant.commitment_loss, "entropy": out.quant.entropy_loss,
+                     "source": out.source_loss}
+            total = (ls["recon"] * rec + ls["commitment"] * out.quant.commitment_loss
+                     + ls["entropy"] * out.quant.entropy_loss + ls["source"] * out.source_loss)
+            if self.perceptual is not None:
+                terms["perceptual"] = self.perceptual(recon, images)
+                total = total + ls["perceptual"] * terms["perceptual"]
+            if align_logits is not None:
+                view = augment_view(images, flip=self.cfg["data"]["dataset"] != "digits")
+                if self.teacher is not None:
+                    terms["align"] = alignment_loss(align_logits.float(), self.teacher(view), ls["align_temperature"])
+                else:
+                    terms["align"] = self.distill.loss(align_logits.float(), self.distill.teacher_forward(view, kept))
+                total = total + ls["align"] * terms["align"]
+            if gan_on:
+                g_adv = hinge_g_loss(self.disc(recon))
+                weight = ls["gan"]
+                if ls["adaptive_gan"]:
+                    weight = weight * adaptive_generator_weight(
+                        ls["recon"] * rec, g_adv, self.tokenizer.decoder.conv_out.weight, ls["adaptive_gan_factor"])
+                terms["g_adv"] = g_adv
+                total = total + weight * g_adv
+        self.opt_g.zero_grad(set_to_none=True)
+        total.backward()
+        if self.tr["grad_clip"]:
+            terms["grad_norm"] = torch.nn.utils.clip_grad_norm_(self.student.parameters(), self.tr["grad_clip"])
+        self.opt_g.step()
+        self.sched_g.step()
+        self.ema.update(self.tokenizer)
+        if self.distill is not None:
+            self.distill.update(AlignBranch(self.tokenizer.encoder, self.student.align_head))
+        if gan_on:
+            with torch.autocast(**self.autocast) if self.autocast else _nullcontext():
+                logits_real = self.disc(images)
+                logits_fake = self.disc(recon.detach())
+                d_loss = hinge_d_loss(logits_real, logits_fake)
+                d_total = d_loss + ls["lecam"] * self.lecam(logits_real.float(), logits_fake.float())
+            for group in self.opt_d.param_groups:  # same schedule as the generator, counted from step 0
+                group["lr"] = self.tr["lr"] * self.lr_multiplier(step)
+            self.opt_d.zero_grad(set_to_none=True)
+            d_total.backward()
+            self.opt_d.step()
+        usage = codebook_usage(out.quant.indices.detach(), self.tokenizer.config.bits)
+        metrics = {k: float(v.detach()) for k, v in terms.items()}
+        metrics.update(loss=float(total.detach()), kept=kept, lr=self.sched_g.get_last_lr()[0],
+                       per_sample_entropy=float(out.quant.per_sample_entropy.detach()),
+                       codebook_entropy=float(out.quant.codebook_entropy.detach()),
+                       batch_code_diversity=usage.used_codes / min(out.quant.indices.numel(), 2 ** self.tokenizer.config.bits),
+                       batch_perplexity=float(usage.perplexity))
+        if gan_on:
+            metrics["d_loss"] = float(d_loss.detach())
+        return metrics
+
+    def warnings(self, metrics: dict) -> list[str]:
+        floor = self.tr.get("usage_floor", 0.0)
+        if floor and metrics["batch_code_diversity"] < floor:
+            return [f"codebook collapse? only {metrics['batch_code_diversity']:.1%} distinct codes per batch "
+                    f"(floor {floor:.0%}; entropy weight {self.ls['entropy']})"]
+        return []
+
+    # -- validation --------------------------------------------------------------------------
+    @torch.no_grad()
+    def validate(self, step: int, out_dir: Path) -> dict[str, float]:
+        if self.val_images is None:
+            val = build_dataset(self.cfg, "val")
+            n = min(self.tr["val_images"], len(val))  # a fixed subset; the full split is for `evaluate`
+            self.val_images = torch.stack([val[i][0] for i in range(n)])
+        model = self.ema.module
+        metrics = reconstruction_metrics(model, self.val_images, self.kept_target, self.device)
+        from mergevq.report.images import save_reconstruction_grid
+
+        save_reconstruction_grid(model, self.val_images[:8], [self.kept_target], out_dir / "recon_grid.png", self.device)
+        return metrics
+
+    # -- state ---------------------------------------------------------------------------------
+    def _modules(self) -> dict[str, nn.Module]:
+        mods = {"student": self.student, "ema": self.ema}
+        if self.disc is not None:
+            mods |= {"disc": _unwrap(self.disc), "lecam": self.lecam}
+        if self.distill is not None:
+            mods["distill"] = self.distill
+        return mods
+
+    def state_dict(self) -> dict:
+        state = {k: m.state_dict() for k, m in self._modules().items()}
+        state |= {"opt_g": self.opt_g.state_dict(), "sched_g": self.sched_g.state_dict()}
+        if self.opt_d is not None:
+            state["opt_d"] = self.opt_d.state_dict()
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        for k, m in self._modules().items():
+            m.load_state_dict(state[k])
+        self.opt_g.load_state_dict(state["opt_g"])
+        self.sched_g.load_state_dict(state["sched_g"])
+        if self.opt_d is not None:
+            self.opt_d.load_state_dict(state["opt_d"])
+
+    def artifact(self) -> dict:
+        return {"variant": self.name, "preset": self.vc["preset"],
+                "tokenizer_config": dataclasses.asdict(self.tokenizer.config),
+                "ema": self.ema.module.state_dict(), "model": self.tokenizer.state_dict(),
+                "kept": self.kept_target, "tokens": self.vc["tokens"]}
+
+
+class _nullcontext:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _unwrap(module: nn.Module) -> nn.Module:
+    return getattr(module, "module", module)
+
+
+@torch.no_grad()
+def reconstruction_metrics(model: MergeVQ, images: torch.Tensor, kept: int, device, batch_size: int = 64) -> dict:
+    """PSNR with the encoder's S and with Source Recovery's S_hat, Ŝ's position accuracy, and
+    codebook usage / perplexity over `images` at kept count `kept`."""
+    model.eval()
+    psnr_gt, psnr_pred, acc, indices = [], [], [], []
+    for i in range(0, len(images), batch_size):
+        x = images[i:i + batch_size].to(device)
+        out = model(x, kept)
+        psnr_gt.append(psnr(out.reconstruction.float(), x))
+        pred = model.decode(out.quant.quantized, _source_from_logits(out.source_logits))
+        psnr_pred.append(psnr(pred.float(), x))
+        acc.append(source_accuracy(out.source_logits, out.encoded.source) * len(x))
+        indices.append(out.quant.indices.flatten().cpu())
+    usage = codebook_usage(torch.cat(indices), model.config.bits)
+    return {"psnr_gt_source": float(torch.cat(psnr_gt).mean()), "psnr_pred_source": float(torch.cat(psnr_pred).mean()),
+            "source_accuracy": float(sum(acc) / len(images)), "codebook_usage": float(usage.usage),
+            "codebook_perplexity": float(usage.perplexity), "kept": kept}
+
+
+def _source_from_logits(logits):
+    from mergevq.tokenizer.recovery import source_from_logits
+
+    return source_from_logits(logits)
+
+
+def load_tokenizer(path: str | Path, weights: str = "ema", map_location="cpu") -> tuple[MergeVQ, dict]:
+    """Rebuild a tokenizer from a stage-1 model.pt; returns (model in eval mode, the artefact dict)."""
+    from mergevq.train.checkpoint import load_checkpoint
+
+    art = load_checkpoint(path, map_location=map_location, weights_only=False)
+    model = MergeVQ(TokenizerConfig(**{k: tuple(v) if isinstance(v, list) else v
+                                       for k, v in art["tokenizer_config"].items()}))
+    model.load_state_dict(art[weights])
+    return model.eval(), art
+
+
+# -- command line ------------------------------------------------------------------------------
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", required=True, help="resolved or source YAML config")
+    parser.add_argument("--variant", required=True, choices=["G", "G+R", "R"])
+    parser.add_argument("--out", required=True, help="output directory (last.ckpt, model.pt, metrics.csv, ...)")
+    parser.add_argument("--max-steps", type=int, default=None,
+                        help="stop after this many steps (schedules still span the config's `steps`)")
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides")
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config, args.set)
+    vc = variant_config(cfg, args.variant)
+    dist = DistEnv.from_env()
+    torch.manual_seed(cfg["seed"])  # model initialisation is identical on every rank
+    stage = TokenizerStage(cfg, args.variant, dist)
+    tr = vc["train"]
+    loop = LoopConfig(total_steps=vc["steps"], batch_size=tr["batch_size"], seed=cfg["seed"],
+                      log_every=tr["log_every"], val_every=tr["val_every"], ckpt_every=tr["ckpt_every"],
+                      max_steps=args.max_steps, num_workers=cfg["data"].get("num_workers", 0))
+    dataset = build_dataset(cfg, "train", transform="train")
+    try:
+        return fit(stage, dataset, loop, args.out, cfg, config_hash(cfg), dist)
+    finally:
+        dist.cleanup()

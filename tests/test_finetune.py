@@ -1,0 +1,206 @@
+"""Fine-tuning (mergevq.eval.finetune) and the linear-probe command (mergevq.eval.probe_cli)."""
+import copy
+import dataclasses
+import json
+
+import pytest
+import torch
+from torch.utils.data import Subset
+
+from mergevq.config import load_config
+from mergevq.data import build_dataset
+from mergevq.eval import finetune, probe_cli
+from mergevq.tokenizer import build_tokenizer
+
+TINY = dict(ch=8, num_res_blocks=1, dim=16, depth=2, heads=2, dec_ch=8, dec_num_res_blocks=1, dec_dim=16,
+            dec_depth=1, dec_heads=2, rec_dim=16, rec_heads=2, rec_ffn=32)
+PROBE_KEYS = {"variant", "kept", "encoder", "features", "top1", "train_top1", "epochs", "num_train", "num_val"}
+FINETUNE_KEYS = {"variant", "kept", "top1", "epochs", "num_train", "num_val"}
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """These models are tiny: one intra-op thread avoids OpenMP spin-waits on a shared 2-core box
+    (measured 50x slower with 2 threads under load)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def demo_config(repo_root):
+    return repo_root / "config" / "demo.yaml"
+
+
+def tiny_tokenizer(seed=0):
+    torch.manual_seed(seed)
+    return build_tokenizer("G+R-demo", **TINY).eval()
+
+
+@pytest.fixture
+def tiny_artefact(tmp_path, demo_config):
+    """A model.pt laid out like the trainer's artefact, with random weights."""
+    model = tiny_tokenizer()
+    ema = {k: v.clone() for k, v in model.state_dict().items()}
+    art = {"variant": "G+R", "preset": "G+R-demo", "tokenizer_config": dataclasses.asdict(model.config),
+           "ema": ema, "model": model.state_dict(), "kept": 36, "tokens": 64,
+           "config": load_config(demo_config), "config_hash": "0" * 16, "step": 0, "run": "demo"}
+    path = tmp_path / "model.pt"
+    torch.save(art, path)
+    return path
+
+
+def subsets(cfg, n_train=32, n_val=16):
+    return (Subset(build_dataset(cfg, "train"), range(n_train)),
+            Subset(build_dataset(cfg, "val"), range(n_val)))
+
+
+@pytest.mark.parametrize("kind,dim", [("tokens_mean", 16), ("quantized_mean", 10), ("global", 16),
+                                      ("raw_pixels", 3 * 32 * 32)])
+def test_extract_features_shapes(demo_config, kind, dim):
+    cfg = load_config(demo_config)
+    data = Subset(build_dataset(cfg, "val"), range(10))
+    feats = probe_cli.extract_features(tiny_tokenizer(), data, 36, kind, batch_size=4, device="cpu")
+    assert feats.features.shape == (10, dim) and feats.features.dtype == torch.float32
+    assert torch.equal(feats.labels, torch.stack([data[i][1] for i in range(10)]))
+    if kind == "quantized_mean":  # mean of +-1 codes
+        assert feats.features.abs().max() <= 1
+
+
+def test_extract_features_rejects_unknown_kind(demo_config):
+    cfg = load_config(demo_config)
+    with pytest.raises(ValueError, match="unknown feature kind"):
+        probe_cli.extract_features(tiny_tokenizer(), build_dataset(cfg, "val"), 36, "pixels", 4, "cpu")
+
+
+def test_finetune_trains_encoder_and_is_deterministic(demo_config):
+    cfg = load_config(demo_config, ["eval.finetune.epochs=1", "eval.finetune.batch_size=16"])
+    train, val = subsets(cfg)
+    results, weights = [], []
+    for _ in range(2):
+        model = tiny_tokenizer()
+        before = copy.deepcopy(model.encoder.state_dict())
+        out = finetune.finetune_encoder(model, cfg, kept=25, seed=0, device="cpu", train_set=train,
+                                        val_set=val, progress=False)
+        after = model.encoder.state_dict()
+        assert not torch.equal(before["blocks.0.attn.qkv.weight"], after["blocks.0.attn.qkv.weight"])
+        assert not torch.equal(before["stem.conv_in.weight"], after["stem.conv_in.weight"])
+        results.append(out)
+        weights.append(after["blocks.1.mlp.fc1.weight"].clone())
+    out = results[0]
+    assert 0.0 <= out["top1"] <= 1.0
+    assert (out["kept"], out["epochs"], out["num_train"], out["num_val"]) == (25, 1, 32, 16)
+    assert len(out["history"]) == 1 and out["history"][0]["loss"] > 0
+    assert results[0]["top1"] == results[1]["top1"] and torch.equal(weights[0], weights[1])
+
+
+def test_finetune_mixup_path_runs(demo_config):
+    """The ImageNet branch's Mixup/CutMix + SoftTargetCrossEntropy, on a digits subset."""
+    cfg = load_config(demo_config, ["eval.finetune.epochs=1", "eval.finetune.batch_size=16",
+                                    "eval.finetune.mixup=0.8", "eval.finetune.cutmix=1.0"])
+    assert finetune.build_mixup(cfg["eval"]["finetune"], 10) is not None
+    train, val = subsets(cfg, 16, 16)
+    out = finetune.finetune_encoder(tiny_tokenizer(), cfg, kept=36, seed=0, device="cpu", train_set=train,
+                                    val_set=val, progress=False)
+    assert 0.0 <= out["top1"] <= 1.0
+
+
+def test_build_mixup_off_for_demo(demo_config):
+    assert finetune.build_mixup(load_config(demo_config)["eval"]["finetune"], 10) is None
+
+
+def _run(module, argv):
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    module.add_arguments(parser)
+    return module.run(parser.parse_args(argv))
+
+
+@pytest.fixture
+def small_splits(monkeypatch):
+    """Only the first 64 train / 32 val digits reach the commands (CLI wiring tests stay fast)."""
+    import mergevq.data
+
+    full = mergevq.data.build_dataset
+
+    def small(cfg, split, transform="eval"):
+        return Subset(full(cfg, split, transform), range(64 if split == "train" else 32))
+
+    monkeypatch.setattr(mergevq.data, "build_dataset", small)
+
+
+def test_finetune_cli_writes_schema(tmp_path, demo_config, tiny_artefact, small_splits):
+    out = tmp_path / "finetune" / "metrics.json"
+    rc = _run(finetune, ["--config", str(demo_config), "--tokenizer", str(tiny_artefact), "--out", str(out),
+                         "--kept", "16", "--device", "cpu", "--set", "eval.finetune.epochs=1",
+                         "eval.finetune.batch_size=32"])
+    metrics = json.loads(out.read_text())
+    assert rc == 0 and set(metrics) == FINETUNE_KEYS
+    assert metrics["variant"] == "G+R" and metrics["kept"] == 16 and metrics["epochs"] == 1
+    assert (metrics["num_train"], metrics["num_val"]) == (64, 32)
+
+
+def test_probe_cli_raw_pixels_well_above_chance(tmp_path, demo_config):
+    out = tmp_path / "probe.json"
+    rc = _run(probe_cli, ["--config", str(demo_config), "--raw-pixels", "--out", str(out), "--device", "cpu",
+                          "--set", "eval.linear_probe.epochs=3"])
+    metrics = json.loads(out.read_text())
+    assert rc == 0 and set(metrics) == PROBE_KEYS
+    assert metrics["encoder"] == "raw_pixels" and metrics["variant"] is None and metrics["kept"] is None
+    assert (metrics["num_train"], metrics["num_val"], metrics["epochs"]) == (1437, 360, 3)
+    assert metrics["top1"] > 0.7  # chance is 0.1
+
+
+@pytest.mark.parametrize("features", ["tokens_mean", "global"])
+def test_probe_cli_tokenizer(tmp_path, demo_config, tiny_artefact, small_splits, features):
+    out = tmp_path / "probe.json"
+    rc = _run(probe_cli, ["--config", str(demo_config), "--tokenizer", str(tiny_artefact), "--out", str(out),
+                          "--device", "cpu", "--set", "eval.linear_probe.epochs=1",
+                          f"eval.linear_probe.features={features}"])
+    metrics = json.loads(out.read_text())
+    assert rc == 0 and set(metrics) == PROBE_KEYS
+    assert (metrics["variant"], metrics["kept"], metrics["encoder"], metrics["features"]) == (
+        "G+R", 36, "trained", features)
+    assert (metrics["num_train"], metrics["num_val"]) == (64, 32)
+    assert 0.0 <= metrics["top1"] <= 1.0
+
+
+def test_probe_cli_random_init(tmp_path, demo_config, small_splits):
+    out = tmp_path / "probe.json"
+    rc = _run(probe_cli, ["--config", str(demo_config), "--random-init", "G+R", "--kept", "25", "--out", str(out),
+                          "--device", "cpu", "--set", "eval.linear_probe.epochs=1"])
+    metrics = json.loads(out.read_text())
+    assert rc == 0 and set(metrics) == PROBE_KEYS
+    assert (metrics["variant"], metrics["kept"], metrics["encoder"], metrics["features"]) == (
+        "G+R", 25, "random_init", "tokens_mean")
+
+
+def test_random_init_matches_variant_architecture(demo_config):
+    cfg = load_config(demo_config)
+    a, b = probe_cli.random_init_tokenizer(cfg, "R", 0), probe_cli.random_init_tokenizer(cfg, "R", 0)
+    assert a.config.name == "R-demo" and a.config.bits == 10 and a.config.kept == 9
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+
+
+def test_finetune_imagefolder_timm_augmentation(tmp_path, repo_root):
+    """The ImageNet branch: timm RandAugment/random-erasing transform + Mixup/CutMix on a tiny tree."""
+    from PIL import Image
+
+    gen = torch.Generator().manual_seed(0)
+    for split, n in (("train", 4), ("val", 2)):
+        for cls in ("a", "b"):
+            (tmp_path / split / cls).mkdir(parents=True)
+            for i in range(n):
+                pixels = torch.randint(0, 256, (40, 48, 3), generator=gen, dtype=torch.uint8).numpy()
+                Image.fromarray(pixels).save(tmp_path / split / cls / f"{i}.png")
+    cfg = load_config(repo_root / "config" / "config.yaml", [
+        f"data.root={tmp_path}", "data.resolution=32", "data.num_classes=2", "data.num_workers=0",
+        "eval.finetune.epochs=1", "eval.finetune.batch_size=4"])
+    train, val = finetune.finetune_datasets(cfg)
+    image, label = train[0]
+    assert isinstance(train, finetune.TimmImageFolder) and image.shape == (3, 32, 32) and label == 0
+    assert image.min() >= -1 - 1e-6 and image.max() <= 1 + 1e-6  # normalised to [-1, 1]
+    out = finetune.finetune_encoder(tiny_tokenizer(), cfg, kept=36, seed=0, device="cpu", progress=False)
+    assert (out["num_train"], out["num_val"]) == (8, 4) and 0.0 <= out["top1"] <= 1.0

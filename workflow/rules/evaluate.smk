@@ -1,0 +1,74 @@
+# Representation learning (Table 1, Fig. 3, App. A.4): linear probing of the frozen EMA encoder at
+# every kept count of the sweep, two reference rows run the same way (a randomly initialised
+# encoder of each variant, raw pixels), and end-to-end fine-tuning at each variant's target K.
+
+
+rule linear_probe:
+    input:
+        tokenizer=f"{OUT}/tokenizer/{{variant}}/model.pt",
+    output:
+        metrics=f"{OUT}/probe/{{variant}}/k{{kept}}/metrics.json",
+    params:
+        config=str(RESOLVED),
+        settings=config_hash(config["eval"]["linear_probe"]),
+    log:
+        f"{OUT}/logs/linear_probe/{{variant}}_k{{kept}}.log",
+    benchmark:
+        f"{OUT}/benchmarks/linear_probe/{{variant}}_k{{kept}}.tsv"
+    resources:
+        **res("eval_rule"),
+    shell:
+        "mergevq linear-probe --config {params.config} --tokenizer {input.tokenizer} "
+        "--kept {wildcards.kept} --out {output.metrics} > {log} 2>&1"
+
+
+rule linear_probe_random_init:
+    output:
+        metrics=f"{OUT}/probe/baselines/random_{{variant}}/metrics.json",
+    params:
+        config=str(RESOLVED),
+        settings=lambda wc: config_hash({"probe": config["eval"]["linear_probe"], "variant": variant_config(config, wc.variant)}),
+    log:
+        f"{OUT}/logs/linear_probe/random_{{variant}}.log",
+    benchmark:
+        f"{OUT}/benchmarks/linear_probe/random_{{variant}}.tsv"
+    resources:
+        **res("eval_rule"),
+    shell:
+        "mergevq linear-probe --config {params.config} --random-init '{wildcards.variant}' "
+        "--out {output.metrics} > {log} 2>&1"
+
+
+rule linear_probe_raw_pixels:
+    output:
+        metrics=f"{OUT}/probe/baselines/raw_pixels/metrics.json",
+    params:
+        config=str(RESOLVED),
+        settings=config_hash({"probe": config["eval"]["linear_probe"], "data": config["data"]}),
+    log:
+        f"{OUT}/logs/linear_probe/raw_pixels.log",
+    benchmark:
+        f"{OUT}/benchmarks/linear_probe/raw_pixels.tsv"
+    resources:
+        **res("eval_rule"),
+    shell:
+        "mergevq linear-probe --config {params.config} --raw-pixels --out {output.metrics} > {log} 2>&1"
+
+
+rule finetune:
+    input:
+        tokenizer=f"{OUT}/tokenizer/{{variant}}/model.pt",
+    output:
+        metrics=f"{OUT}/finetune/{{variant}}/metrics.json",
+    params:
+        config=str(RESOLVED),
+        settings=config_hash(config["eval"]["finetune"]),
+    log:
+        f"{OUT}/logs/finetune/{{variant}}.log",
+    benchmark:
+        f"{OUT}/benchmarks/finetune/{{variant}}.tsv"
+    resources:
+        **res("eval_rule"),
+    shell:
+        "mergevq finetune --config {params.config} --tokenizer {input.tokenizer} "
+        "--out {output.metrics} > {log} 2>&1"

@@ -1,0 +1,24 @@
+# Table 4, Fig. 3, Fig. A1: each variant's tokenizer evaluated at every kept count K of its sweep,
+# by changing the merge schedule at inference (one tokenizer per variant, as Fig. 3's caption).
+
+
+rule evaluate_tokenizer:
+    input:
+        tokenizer=f"{OUT}/tokenizer/{{variant}}/model.pt",
+        reference=rules.reference_features.output.features,
+        classifier=CLASSIFIER,
+    output:
+        metrics=f"{OUT}/sweep/{{variant}}/k{{kept}}/metrics.json",
+    params:
+        config=str(RESOLVED),
+        classifier=lambda wc, input: f"--classifier {input.classifier}" if input.classifier else "",
+        settings=config_hash({"fid": config["eval"]["fid"], "weights": config["weights"]}),
+    log:
+        f"{OUT}/logs/evaluate_tokenizer/{{variant}}_k{{kept}}.log",
+    benchmark:
+        f"{OUT}/benchmarks/evaluate_tokenizer/{{variant}}_k{{kept}}.tsv"
+    resources:
+        **res("eval_rule"),
+    shell:
+        "mergevq evaluate --config {params.config} --tokenizer {input.tokenizer} --kept {wildcards.kept} "
+        "--reference {input.reference} {params.classifier} --out {output.metrics} > {log} 2>&1"
