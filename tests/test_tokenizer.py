@@ -294,3 +294,18 @@ def test_uniform_element_selection_non_divisible():
     assert out[0, 0] == weight[0, 0] and torch.equal(out[-1], weight[-1])
     with pytest.raises(ValueError, match="larger"):
         uniform_element_selection(weight, (97, 10))
+
+
+def test_source_recovery_order_features():
+    from mergevq.tokenizer.recovery import SourceRecovery, rank_features
+
+    torch.manual_seed(0)
+    tokens = torch.randn(2, 5, 6).sign()
+    perm = torch.tensor([3, 0, 4, 1, 2])
+    as_set = SourceRecovery(num_tokens=12, code_dim=6, dim=16, depth=1, num_heads=2, ffn_dim=32, use_order=False)
+    # content only: permuting the tokens permutes the logits' K axis and nothing else
+    torch.testing.assert_close(as_set(tokens[:, perm]), as_set(tokens)[:, :, perm])
+    ordered = SourceRecovery(num_tokens=12, code_dim=6, dim=16, depth=1, num_heads=2, ffn_dim=32, use_order=True)
+    assert not torch.allclose(ordered(tokens[:, perm]), ordered(tokens)[:, :, perm])
+    # relative ranks: the middle token of any odd K gets the same features
+    torch.testing.assert_close(rank_features(9, 4)[4], rank_features(25, 4)[12])

@@ -123,7 +123,7 @@ def evaluate_tokenizer(cfg: dict, tokenizer_path: str | Path, kept: int, referen
         raise ValueError(f"--kept {kept} outside [1, {model.num_tokens}] for {tokenizer_path}")
     fid_cfg = cfg["eval"]["fid"]
     val_x, val_y = evaluation_images(cfg, "val", fid_cfg["num_images"])
-    train_x, _ = evaluation_images(cfg, "train", 2048)
+    train_x, _ = evaluation_images(cfg, "train", 1024)  # enough to find each position's usual owner
     lpips = LPIPS(require_weight(cfg, "vgg16")).to(device) if cfg["weights"].get("vgg16") else None
     rec_gt, rec_pred, per_image, owner_true, owner_pred, indices = reconstruct(model, val_x, kept, device, lpips=lpips)
     baseline = position_baseline(model, train_x, kept, device)

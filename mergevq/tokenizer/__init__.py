@@ -71,6 +71,7 @@ class TokenizerConfig:
     rec_depth: int = 2
     rec_heads: int = 8
     rec_ffn: int = 1536
+    rec_use_order: bool = True  # Source Recovery sees the tokens' relative rank (see recovery.py)
     # LFQ entropy penalty
     entropy_temperature: float = 0.01
     entropy_group_bits: int = 9
@@ -174,7 +175,7 @@ class MergeVQ(nn.Module):
             mlp_ratio=c.mlp_ratio, layer_scale_init=c.layer_scale_init, schedule=c.schedule)
         self.quantizer = LFQ(c.bits, c.entropy_temperature, c.entropy_group_bits)
         self.recovery = SourceRecovery(c.num_tokens, c.bits, c.rec_dim, c.rec_depth, c.rec_heads,
-                                       c.rec_ffn)
+                                       c.rec_ffn, c.rec_use_order)
         self.decoder = MergeVQDecoder(
             resolution=c.resolution, bits=c.bits, ch=c.dec_ch, ch_mult=c.dec_ch_mult,
             num_res_blocks=c.dec_num_res_blocks, extra_res_blocks=c.dec_extra_res_blocks,

@@ -70,6 +70,13 @@ def source_recovery_loss(logits: torch.Tensor, source: torch.Tensor, kind: str =
     raise ValueError(f"source_recovery_loss: unknown kind {kind!r}; expected 'bce' or 'ce'")
 
 
+def rank_features(num: int, frequencies: int, device=None, dtype=torch.float32) -> torch.Tensor:
+    """Fourier features of the relative ranks (k + 1/2) / num, k < num: (num, 2 * frequencies)."""
+    rank = (torch.arange(num, device=device, dtype=torch.float32) + 0.5) / num  # (num,)
+    angles = rank[:, None] * torch.arange(1, frequencies + 1, device=device, dtype=torch.float32) * math.pi
+    return torch.cat([angles.sin(), angles.cos()], dim=-1).to(dtype)
+
+
 class SourceRecovery(nn.Module):
     """Predicts the source matrix from the K quantised tokens (Eq. 9-10).
 
@@ -78,13 +85,16 @@ class SourceRecovery(nn.Module):
     (self-attention over queries, cross-attention to the tokens, GELU FFN), no dropout.
     """
 
+    ORDER_FREQUENCIES = 16  # Fourier features of the relative rank
+
     def __init__(self, num_tokens: int, code_dim: int, dim: int = 384, depth: int = 2,
-                 num_heads: int = 8, ffn_dim: int = 1536):
+                 num_heads: int = 8, ffn_dim: int = 1536, use_order: bool = True):
         super().__init__()
         self.num_tokens = num_tokens
         self.dim = dim
         self.queries = nn.Parameter(torch.zeros(1, num_tokens, dim))  # Q of Eq. (9)
         self.token_embed = nn.Linear(code_dim, dim)
+        self.order_embed = nn.Linear(2 * self.ORDER_FREQUENCIES, dim) if use_order else None
         self.token_norm = nn.LayerNorm(dim)
         self.layers = nn.ModuleList(
             nn.TransformerDecoderLayer(dim, num_heads, ffn_dim, dropout=0.0, activation="gelu",
@@ -97,7 +107,11 @@ class SourceRecovery(nn.Module):
 
     def forward(self, quantized: torch.Tensor) -> torch.Tensor:
         """quantized (B, K, D) -> logits (B, L, K); softmax over K is S_hat^T of Eq. (10)."""
-        tokens = self.token_norm(self.token_embed(quantized))  # (B, K, d), no positions: a set
+        tokens = self.token_embed(quantized)  # (B, K, d)
+        if self.order_embed is not None:
+            tokens = tokens + self.order_embed(rank_features(quantized.shape[1], self.ORDER_FREQUENCIES,
+                                                             tokens.device, tokens.dtype))
+        tokens = self.token_norm(tokens)
         q = self.queries.expand(quantized.shape[0], -1, -1)  # (B, L, d)
         for layer in self.layers:
             q = layer(q, tokens)  # Eq. (9): Q_r

@@ -17,6 +17,7 @@ rule train_tokenizer:
         f"{OUT}/benchmarks/train_tokenizer/{{variant}}.tsv"
     wildcard_constraints:
         variant="|".join(map(lambda v: v.replace("+", r"\+"), VARIANTS)),
+    priority: 10  # the longest jobs of the DAG: start them before the evaluation rules
     resources:
         **res("gpu_rule"),
     shell:
