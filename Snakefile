@@ -21,6 +21,9 @@ config.clear()
 config.update(_resolved)
 
 RUN = config["run"]
+wildcard_constraints:
+    variant="|".join(v.replace("+", r"\+") for v in config["tokenizer"]["variants"]),
+
 OUT = f"results/{RUN}"
 VARIANTS = list(config["tokenizer"]["variants"])
 

@@ -1,6 +1,7 @@
 """Tables and figures from small synthetic metric files and a tiny random tokenizer."""
 from __future__ import annotations
 
+import json
 import math
 
 import pandas as pd
@@ -218,3 +219,19 @@ def test_find_tokenizers(tmp_path):
     assert figures.find_tokenizers([root / "G+R"]) == [root / "G+R" / "model.pt"]
     with pytest.raises(FileNotFoundError, match="no tokenizer"):
         figures.find_tokenizers([tmp_path / "missing"])
+
+
+def test_table1_extra_feature_columns(cfg, metric_files, tmp_path):
+    extra = []
+    for i, (variant, encoder, top1) in enumerate([("G+R", "trained", 0.61), ("G+R", "random_init", 0.12)]):
+        record = probe_record(variant, cfg["tokenizer"]["variants"][variant]["kept"], top1, encoder)
+        record["features"] = "global"
+        path = tmp_path / f"extra{i}.json"
+        path.write_text(json.dumps(record))
+        extra.append(path)
+    df, notes = tables.build_table1(list(metric_files["probe"]) + extra, metric_files["finetune"], paper("table1"), cfg)
+    rows = df.set_index("method")
+    assert rows.loc["MergeVQ (G+R)", "linear_top1_global"] == pytest.approx(61.0)
+    assert rows.loc["MergeVQ (G+R) encoder, random init", "linear_top1_global"] == pytest.approx(12.0)
+    assert rows.loc["MergeVQ (G+R)", "linear_top1"] == pytest.approx(80.0)  # the primary kind is untouched
+    assert pd.isna(rows.loc["MergeVQ (R)", "linear_top1_global"])

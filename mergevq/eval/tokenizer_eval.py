@@ -152,7 +152,7 @@ def evaluate_tokenizer(cfg: dict, tokenizer_path: str | Path, kept: int, referen
     result["classifier_top1_original"] = (
         float((feats["orig"][isc_layer].argmax(-1) == val_y).float().mean()) if extractor == DEMO_EXTRACTOR else None)
     result["fid_protocol"] = {
-        "extractor": extractor if extractor != DEMO_EXTRACTOR else "demo-classifier features",
+        "extractor": extractor,
         "feature_layer": fid_layer, "weights_sha256": sha256_file(weights), "num_images": len(val_x),
         "resolution": list(val_x.shape[-2:]), "image_format": "uint8 tensors (no JPEG)",
         "reference": f"{cfg['data']['dataset']} validation originals (first {len(val_x)}, center crop)",

@@ -231,39 +231,46 @@ def build_table1(probe_jsons: Sequence[str | Path], finetune_jsons: Sequence[str
     paper_finetune_top1 (paper rows: MergeVQ (G+R), (R); G has none).
     """
     probes = read_metrics(probe_jsons, "probe")
+    # The config's primary probe features fill `linear_top1`; every other feature kind probed
+    # (eval.linear_probe.extra_features) gets a column `linear_top1_<kind>`, random-init rows too.
+    primary = cfg["eval"]["linear_probe"]["features"]
+    kinds = [primary] + sorted({p["features"] for p in probes
+                                if p["encoder"] != "raw_pixels" and p["features"] != primary})
+    column = {kind: "linear_top1" if kind == primary else f"linear_top1_{kind}" for kind in kinds}
     trained = _index([p for p in probes if p["encoder"] == "trained"],
-                     lambda r: (r["variant"], r["kept"]), "linear-probe")
+                     lambda r: (r["variant"], r["kept"], r["features"]), "linear-probe")
     random_init = _index([p for p in probes if p["encoder"] == "random_init"],
-                         lambda r: r["variant"], "random-init probe")
+                         lambda r: (r["variant"], r["features"]), "random-init probe")
     raw = _index([p for p in probes if p["encoder"] == "raw_pixels"], lambda r: "raw_pixels", "raw-pixel probe")
     finetune = _index(read_metrics(finetune_jsons, "finetune"), lambda r: r["variant"], "fine-tune")
     paper = pd.read_csv(paper_csv)
 
+    def top1(record):
+        return _fraction_to_percent(record["top1"], record["_path"], "top1") if record else math.nan
+
     rows = []
     for v in variants(cfg):
         k = target_kept(cfg, v)
-        probe, ft = trained.get((v, k)), finetune.get(v)
+        ft = finetune.get(v)
         if ft is not None and ft.get("kept") not in (None, k):
             raise ReportError(f"{ft['_path']}: fine-tuned at K={ft['kept']}, but {v}'s kept count is {k}")
         match = paper[paper["method"] == method_name(v)]
         rows.append({
             "method": method_name(v), "tokens": k,
             "paper_tokens": match["tokens"].iloc[0] if len(match) else math.nan,
-            "linear_top1": _fraction_to_percent(probe["top1"], probe["_path"], "top1") if probe else math.nan,
-            "finetune_top1": _fraction_to_percent(ft["top1"], ft["_path"], "top1") if ft else math.nan,
+            **{column[kind]: top1(trained.get((v, k, kind))) for kind in kinds},
+            "finetune_top1": top1(ft),
             "paper_linear_top1": match["linear_top1"].iloc[0] if len(match) else math.nan,
             "paper_finetune_top1": match["finetune_top1"].iloc[0] if len(match) else math.nan,
         })
     for v in variants(cfg):
-        r = random_init.get(v)
+        first = next((random_init[(v, kind)] for kind in kinds if (v, kind) in random_init), None)
         rows.append({"method": f"{method_name(v)} encoder, random init",
-                     "tokens": r["kept"] if r and r.get("kept") is not None else target_kept(cfg, v),
-                     "linear_top1": _fraction_to_percent(r["top1"], r["_path"], "top1") if r else math.nan})
-    r = raw.get("raw_pixels")
-    rows.append({"method": "raw pixels",
-                 "linear_top1": _fraction_to_percent(r["top1"], r["_path"], "top1") if r else math.nan})
-    columns = ["method", "tokens", "paper_tokens", "linear_top1", "finetune_top1",
-               "paper_linear_top1", "paper_finetune_top1"]
+                     "tokens": first["kept"] if first and first.get("kept") is not None else target_kept(cfg, v),
+                     **{column[kind]: top1(random_init.get((v, kind))) for kind in kinds}})
+    rows.append({"method": "raw pixels", "linear_top1": top1(raw.get("raw_pixels"))})
+    columns = (["method", "tokens", "paper_tokens"] + [column[kind] for kind in kinds]
+               + ["finetune_top1", "paper_linear_top1", "paper_finetune_top1"])
     df = _intify(pd.DataFrame(rows, columns=columns), ["tokens", "paper_tokens"])
 
     notes = [dataset_note(cfg), _percent_scale_note()]
@@ -272,7 +279,9 @@ def build_table1(probe_jsons: Sequence[str | Path], finetune_jsons: Sequence[str
         epochs = sorted({p["epochs"] for p in probes})
         sizes = sorted({(p["num_train"], p["num_val"]) for p in probes})
         notes.append(
-            f"Linear probing: frozen features ({', '.join(feats) or 'none'}), BN + linear layer "
+            f"Linear probing: frozen features ({', '.join(feats) or 'none'}; linear_top1 = {primary}, "
+            "the config's primary kind: tokens_mean = pre-quantisation merged tokens average-pooled, "
+            "global = the encoder's CLS feature, which the alignment loss (Eq. 12) trains), BN + linear layer "
             f"(MAE protocol), {', '.join(map(str, epochs))} epochs, "
             + ", ".join(f"{a} train / {b} val images" for a, b in sizes)
             + "; top-1 after the last epoch. tokens = K, the kept count the encoder merges to.")

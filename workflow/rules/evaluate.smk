@@ -3,6 +3,11 @@
 # encoder of each variant, raw pixels), and end-to-end fine-tuning at each variant's target K.
 
 
+wildcard_constraints:
+    kept=r"\d+",
+    features="tokens_mean|quantized_mean|global",
+
+
 rule linear_probe:
     input:
         tokenizer=f"{OUT}/tokenizer/{{variant}}/model.pt",
@@ -20,6 +25,43 @@ rule linear_probe:
     shell:
         "mergevq linear-probe --config {params.config} --tokenizer {input.tokenizer} "
         "--kept {wildcards.kept} --out {output.metrics} > {log} 2>&1"
+
+
+rule linear_probe_features:
+    # another feature kind than the config's primary one (eval.linear_probe.extra_features)
+    input:
+        tokenizer=f"{OUT}/tokenizer/{{variant}}/model.pt",
+    output:
+        metrics=f"{OUT}/probe/{{variant}}/k{{kept}}/{{features}}/metrics.json",
+    params:
+        config=str(RESOLVED),
+        settings=config_hash(config["eval"]["linear_probe"]),
+    log:
+        f"{OUT}/logs/linear_probe/{{variant}}_k{{kept}}_{{features}}.log",
+    benchmark:
+        f"{OUT}/benchmarks/linear_probe/{{variant}}_k{{kept}}_{{features}}.tsv"
+    resources:
+        **res("eval_rule"),
+    shell:
+        "mergevq linear-probe --config {params.config} --tokenizer {input.tokenizer} --kept {wildcards.kept} "
+        "--set eval.linear_probe.features={wildcards.features} --out {output.metrics} > {log} 2>&1"
+
+
+rule linear_probe_random_init_features:
+    output:
+        metrics=f"{OUT}/probe/baselines/random_{{variant}}/{{features}}/metrics.json",
+    params:
+        config=str(RESOLVED),
+        settings=lambda wc: config_hash({"probe": config["eval"]["linear_probe"], "variant": variant_config(config, wc.variant)}),
+    log:
+        f"{OUT}/logs/linear_probe/random_{{variant}}_{{features}}.log",
+    benchmark:
+        f"{OUT}/benchmarks/linear_probe/random_{{variant}}_{{features}}.tsv"
+    resources:
+        **res("eval_rule"),
+    shell:
+        "mergevq linear-probe --config {params.config} --random-init '{wildcards.variant}' "
+        "--set eval.linear_probe.features={wildcards.features} --out {output.metrics} > {log} 2>&1"
 
 
 rule linear_probe_random_init:

@@ -6,11 +6,16 @@ TARGET_SWEEP = [f"{OUT}/sweep/{v}/k{config['tokenizer']['variants'][v]['kept']}/
 BASELINE_JSONS = [f"{OUT}/probe/baselines/random_{v}/metrics.json" for v in VARIANTS] + [
     f"{OUT}/probe/baselines/raw_pixels/metrics.json"
 ]
+EXTRA_FEATURES = config["eval"]["linear_probe"].get("extra_features", [])
+EXTRA_PROBE_JSONS = [
+    f"{OUT}/probe/{v}/k{config['tokenizer']['variants'][v]['kept']}/{f}/metrics.json" for v in VARIANTS for f in EXTRA_FEATURES
+] + [f"{OUT}/probe/baselines/random_{v}/{f}/metrics.json" for v in VARIANTS for f in EXTRA_FEATURES]
 FINETUNE_JSONS = [f"{OUT}/finetune/{v}/metrics.json" for v in VARIANTS]
 TOKENIZERS = [f"{OUT}/tokenizer/{v}/model.pt" for v in VARIANTS]
 TABLE_INPUTS = {
     "table1": [f"{OUT}/probe/{v}/k{config['tokenizer']['variants'][v]['kept']}/metrics.json" for v in VARIANTS]
     + BASELINE_JSONS
+    + EXTRA_PROBE_JSONS
     + FINETUNE_JSONS,
     "table2": TARGET_SWEEP,
     "table4": SWEEP_JSONS + PROBE_JSONS,
@@ -67,18 +72,35 @@ rule figure_merge_sampling:
         "mergevq figure fig5_merge_sampling --config {params.config} --out {output} > {log} 2>&1"
 
 
-rule figure_from_tokenizers:
+# Fig. 4 shows the G+R tokenizer, as the paper's does (the first variant if the config has no G+R).
+MERGE_MAP_VARIANT = "G+R" if "G+R" in VARIANTS else VARIANTS[0]
+
+
+rule figure_merge_maps:
     input:
-        TOKENIZERS,
+        f"{OUT}/tokenizer/{MERGE_MAP_VARIANT}/model.pt",
     output:
-        report(f"{OUT}/figures/{{fig}}.png", caption="../report/{fig}.rst", category="Figures"),
-    wildcard_constraints:
-        fig="fig4_merge_maps|figA1_reconstructions",
+        report(f"{OUT}/figures/fig4_merge_maps.png", caption="../report/fig4_merge_maps.rst", category="Figures"),
     params:
         config=str(RESOLVED),
     log:
-        f"{OUT}/logs/figures/{{fig}}.log",
+        f"{OUT}/logs/figures/fig4_merge_maps.log",
     resources:
         **res("eval_rule"),
     shell:
-        "mergevq figure {wildcards.fig} --config {params.config} --tokenizers {input} --out {output} > {log} 2>&1"
+        "mergevq figure fig4_merge_maps --config {params.config} --tokenizers {input} --out {output} > {log} 2>&1"
+
+
+rule figure_reconstructions:
+    input:
+        TOKENIZERS,
+    output:
+        report(f"{OUT}/figures/figA1_reconstructions.png", caption="../report/figA1_reconstructions.rst", category="Figures"),
+    params:
+        config=str(RESOLVED),
+    log:
+        f"{OUT}/logs/figures/figA1_reconstructions.log",
+    resources:
+        **res("eval_rule"),
+    shell:
+        "mergevq figure figA1_reconstructions --config {params.config} --tokenizers {input} --out {output} > {log} 2>&1"

@@ -15,8 +15,6 @@ rule train_tokenizer:
         f"{OUT}/logs/train_tokenizer/{{variant}}.log",
     benchmark:
         f"{OUT}/benchmarks/train_tokenizer/{{variant}}.tsv"
-    wildcard_constraints:
-        variant="|".join(map(lambda v: v.replace("+", r"\+"), VARIANTS)),
     priority: 10  # the longest jobs of the DAG: start them before the evaluation rules
     resources:
         **res("gpu_rule"),
