@@ -91,15 +91,19 @@ class ImageFolderDataset(Dataset):
         return len(self.samples)
 
     def __getitem__(self, index: int):
-        from PIL import Image
-
         path, label = self.samples[index]
-        try:
-            with Image.open(path) as img:
-                img = img.convert("RGB")
-        except Exception as exc:  # PIL raises many types for broken files
-            raise DatasetError(f"cannot read image {path}: {exc}") from exc
-        return to_unit_range(self.transform(img)), label
+        return to_unit_range(self.transform(load_rgb(path))), label
+
+
+def load_rgb(path: str | Path):
+    """A PIL RGB image; a broken or unreadable file raises DatasetError naming it."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as img:
+            return img.convert("RGB")
+    except Exception as exc:  # PIL raises many types for broken files
+        raise DatasetError(f"cannot read image {path}: {exc}") from exc
 
 
 def build_dataset(cfg: dict, split: str, transform: str = "eval") -> Dataset:

@@ -119,17 +119,10 @@ class TimmImageFolder(Dataset):
         return len(self.samples)
 
     def __getitem__(self, index: int):
-        from PIL import Image
-
-        from mergevq.data.datasets import DatasetError
+        from mergevq.data.datasets import load_rgb
 
         path, label = self.samples[index]
-        try:
-            with Image.open(path) as img:
-                img = img.convert("RGB")
-        except Exception as exc:  # PIL raises many types for broken files
-            raise DatasetError(f"cannot read image {path}: {exc}") from exc
-        return self.transform(img), label
+        return self.transform(load_rgb(path)), label
 
 
 def finetune_datasets(cfg: dict) -> tuple[Dataset, Dataset]:
