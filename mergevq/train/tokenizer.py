@@ -11,6 +11,7 @@ Per step (batch x, kept count K drawn by the merge-ratio sampler, Eq. 19/20):
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import math
 from pathlib import Path
@@ -22,10 +23,12 @@ import torch.nn.functional as F
 from mergevq.config import config_hash, load_config, variant_config
 from mergevq.data import build_dataset
 from mergevq.data.merge_sampling import MergeRatioSampler
+from mergevq.eval.reconstruction import psnr
 from mergevq.losses import DINOv2Teacher, EMASelfDistillation, PerceptualLoss, ProjectionHead, alignment_loss
 from mergevq.tokenizer import MergeVQ, TokenizerConfig, build_tokenizer
 from mergevq.tokenizer.discriminator import LeCam, PatchGANDiscriminator, adaptive_generator_weight, hinge_d_loss, hinge_g_loss
 from mergevq.tokenizer.lfq import codebook_usage
+from mergevq.tokenizer.recovery import source_from_logits
 from mergevq.train.distributed import DistEnv
 from mergevq.train.ema import ModelEMA
 from mergevq.train.loop import LoopConfig, fit
@@ -75,12 +78,6 @@ def augment_view(images: torch.Tensor, scale=(0.4, 1.0), flip: bool = True) -> t
             crop = crop.flip(-1)
         out[i] = crop[0]
     return out
-
-
-def psnr(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Per-image PSNR (dB) of images in [-1, 1] (data range 2), after clamping x to the range."""
-    mse = (x.clamp(-1, 1) - y).pow(2).flatten(1).mean(1)
-    return 10 * torch.log10(4.0 / mse.clamp_min(1e-12))
 
 
 def source_accuracy(logits: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
@@ -160,7 +157,7 @@ class TokenizerStage:
         ls = self.ls
         gan_on = self.use_gan and step >= ls["gan_start"]
         self.student.train()
-        with torch.autocast(**self.autocast) if self.autocast else _nullcontext():
+        with torch.autocast(**self.autocast) if self.autocast else contextlib.nullcontext():
             out, align_logits = self.train_module(images, kept, ls["source_grad_to_encoder"], ls["source_type"])
             recon = out.reconstruction.float()
             rec = (recon - images).pow(2).mean() if ls["recon_type"] == "l2" else (recon - images).abs().mean()
@@ -196,7 +193,7 @@ class TokenizerStage:
         if self.distill is not None:
             self.distill.update(AlignBranch(self.tokenizer.encoder, self.student.align_head))
         if gan_on:
-            with torch.autocast(**self.autocast) if self.autocast else _nullcontext():
+            with torch.autocast(**self.autocast) if self.autocast else contextlib.nullcontext():
                 logits_real = self.disc(images)
                 logits_fake = self.disc(recon.detach())
                 d_loss = hinge_d_loss(logits_real, logits_fake)
@@ -269,14 +266,6 @@ class TokenizerStage:
                 "kept": self.kept_target, "tokens": self.vc["tokens"]}
 
 
-class _nullcontext:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
-
-
 def _unwrap(module: nn.Module) -> nn.Module:
     return getattr(module, "module", module)
 
@@ -290,21 +279,15 @@ def reconstruction_metrics(model: MergeVQ, images: torch.Tensor, kept: int, devi
     for i in range(0, len(images), batch_size):
         x = images[i:i + batch_size].to(device)
         out = model(x, kept)
-        psnr_gt.append(psnr(out.reconstruction.float(), x))
-        pred = model.decode(out.quant.quantized, _source_from_logits(out.source_logits))
-        psnr_pred.append(psnr(pred.float(), x))
+        psnr_gt.append(psnr(out.reconstruction.float().clamp(-1, 1), x))
+        pred = model.decode(out.quant.quantized, source_from_logits(out.source_logits))
+        psnr_pred.append(psnr(pred.float().clamp(-1, 1), x))
         acc.append(source_accuracy(out.source_logits, out.encoded.source) * len(x))
         indices.append(out.quant.indices.flatten().cpu())
     usage = codebook_usage(torch.cat(indices), model.config.bits)
     return {"psnr_gt_source": float(torch.cat(psnr_gt).mean()), "psnr_pred_source": float(torch.cat(psnr_pred).mean()),
             "source_accuracy": float(sum(acc) / len(images)), "codebook_usage": float(usage.usage),
             "codebook_perplexity": float(usage.perplexity), "kept": kept}
-
-
-def _source_from_logits(logits):
-    from mergevq.tokenizer.recovery import source_from_logits
-
-    return source_from_logits(logits)
 
 
 def load_tokenizer(path: str | Path, weights: str = "ema", map_location="cpu") -> tuple[MergeVQ, dict]:
