@@ -16,7 +16,6 @@ import yaml
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SCHEMA_PATH = REPO_ROOT / "workflow" / "schemas" / "config.schema.yaml"
-VARIANTS = ("G", "G+R", "R")
 
 
 class ConfigError(ValueError):

@@ -22,13 +22,12 @@ import torch.nn.functional as F
 
 from mergevq.config import config_hash, load_config, variant_config
 from mergevq.data import build_dataset
+from mergevq.data.datasets import to_unit_range
 from mergevq.data.merge_sampling import MergeRatioSampler
-from mergevq.eval.reconstruction import psnr
 from mergevq.losses import DINOv2Teacher, EMASelfDistillation, PerceptualLoss, ProjectionHead, alignment_loss
 from mergevq.tokenizer import MergeVQ, TokenizerConfig, build_tokenizer
 from mergevq.tokenizer.discriminator import LeCam, PatchGANDiscriminator, adaptive_generator_weight, hinge_d_loss, hinge_g_loss
 from mergevq.tokenizer.lfq import codebook_usage
-from mergevq.tokenizer.recovery import source_from_logits
 from mergevq.train.distributed import DistEnv
 from mergevq.train.ema import ModelEMA
 from mergevq.train.loop import LoopConfig, fit
@@ -78,12 +77,6 @@ def augment_view(images: torch.Tensor, scale=(0.4, 1.0), flip: bool = True) -> t
             crop = crop.flip(-1)
         out[i] = crop[0]
     return out
-
-
-def source_accuracy(logits: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
-    """Share of positions whose predicted owner (argmax over K of logits (B, L, K)) owns them in S (B, K, L)."""
-    owner_true = source.argmax(1)  # (B, L): each column of S has exactly one 1
-    return (logits.argmax(-1) == owner_true).float().mean()
 
 
 class TokenizerStage:
@@ -224,16 +217,23 @@ class TokenizerStage:
     # -- validation --------------------------------------------------------------------------
     @torch.no_grad()
     def validate(self, step: int, out_dir: Path) -> dict[str, float]:
-        if self.val_images is None:
-            val = build_dataset(self.cfg, "val")
-            n = min(self.tr["val_images"], len(val))  # a fixed subset; the full split is for `evaluate`
-            self.val_images = torch.stack([val[i][0] for i in range(n)])
-        model = self.ema.module
-        metrics = reconstruction_metrics(model, self.val_images, self.kept_target, self.device)
+        # the scoring of `mergevq evaluate`, on a fixed subset (imported here: it imports this module)
+        from mergevq.eval.tokenizer_eval import evaluation_images, reconstruct
         from mergevq.report.images import save_reconstruction_grid
 
-        save_reconstruction_grid(model, self.val_images[:8], [self.kept_target], out_dir / "recon_grid.png", self.device)
-        return metrics
+        if self.val_images is None:
+            self.val_images = evaluation_images(self.cfg, "val", self.tr["val_images"])[0]  # uint8
+        model = self.ema.module
+        _, _, per_image, owner_true, owner_pred, indices = reconstruct(
+            model, self.val_images, self.kept_target, self.device)
+        usage = codebook_usage(indices, model.config.bits)
+        save_reconstruction_grid(model, to_unit_range(self.val_images[:8]), [self.kept_target],
+                                 out_dir / "recon_grid.png", self.device)
+        return {"psnr_gt_source": float(per_image["psnr_gt"].mean()),
+                "psnr_pred_source": float(per_image["psnr_pred"].mean()),
+                "source_accuracy": float((owner_pred == owner_true).float().mean()),
+                "codebook_usage": float(usage.usage), "codebook_perplexity": float(usage.perplexity),
+                "kept": self.kept_target}
 
     # -- state ---------------------------------------------------------------------------------
     def _modules(self) -> dict[str, nn.Module]:
@@ -268,26 +268,6 @@ class TokenizerStage:
 
 def _unwrap(module: nn.Module) -> nn.Module:
     return getattr(module, "module", module)
-
-
-@torch.no_grad()
-def reconstruction_metrics(model: MergeVQ, images: torch.Tensor, kept: int, device, batch_size: int = 64) -> dict:
-    """PSNR with the encoder's S and with Source Recovery's S_hat, Ŝ's position accuracy, and
-    codebook usage / perplexity over `images` at kept count `kept`."""
-    model.eval()
-    psnr_gt, psnr_pred, acc, indices = [], [], [], []
-    for i in range(0, len(images), batch_size):
-        x = images[i:i + batch_size].to(device)
-        out = model(x, kept)
-        psnr_gt.append(psnr(out.reconstruction.float().clamp(-1, 1), x))
-        pred = model.decode(out.quant.quantized, source_from_logits(out.source_logits))
-        psnr_pred.append(psnr(pred.float().clamp(-1, 1), x))
-        acc.append(source_accuracy(out.source_logits, out.encoded.source) * len(x))
-        indices.append(out.quant.indices.flatten().cpu())
-    usage = codebook_usage(torch.cat(indices), model.config.bits)
-    return {"psnr_gt_source": float(torch.cat(psnr_gt).mean()), "psnr_pred_source": float(torch.cat(psnr_pred).mean()),
-            "source_accuracy": float(sum(acc) / len(images)), "codebook_usage": float(usage.usage),
-            "codebook_perplexity": float(usage.perplexity), "kept": kept}
 
 
 def load_tokenizer(path: str | Path, weights: str = "ema", map_location="cpu") -> tuple[MergeVQ, dict]:
