@@ -411,4 +411,34 @@ def test_linear_probe_beats_chance_and_is_deterministic():
     assert result.top1 > 0.8 and result.train_top1 > 0.8  # chance is 0.25
     assert len(result.history) == 10 and result.history[-1]["val_top1"] == result.top1
     assert result.history[-1]["lr"] < 1e-4  # cosine reached ~0
-    assert train_linear_probe(tx, ty, vx, vy, **kw) == result
+    again = train_linear_probe(tx, ty, vx, vy, **kw)
+    assert (again.top1, again.train_top1, again.history) == (result.top1, result.train_top1, result.history)
+    assert torch.equal(again.val_correct, result.val_correct) and result.val_correct.shape == (200,)
+    assert result.val_correct.float().mean().item() == result.top1
+
+
+def test_bootstrap_intervals_cover_the_mean_and_pairing_cancels_shared_difficulty(monkeypatch):
+    from mergevq.eval import bootstrap as bs
+    from mergevq.eval.bootstrap import bootstrap_interval, paired_bootstrap, resampled_means
+    rng = np.random.default_rng(0)
+    hard = rng.random(400) < 0.3  # images both encoders get wrong
+    a = (~hard) & (rng.random(400) < 0.95)
+    b = a.copy()
+    flip = np.flatnonzero(a)[:12]  # b misses 12 images that a gets right: a is better by 3 points
+    b[flip] = False
+    lo, hi = bootstrap_interval(a, seed=1)
+    assert lo < a.mean() < hi and hi - lo < 0.15
+    d, dlo, dhi = paired_bootstrap(a, b, seed=1)
+    assert d == pytest.approx(12 / 400)
+    assert 0 < dlo <= d <= dhi  # paired: the 3-point gain is resolved although the unpaired intervals overlap
+    blo, bhi = bootstrap_interval(b, seed=1)
+    assert blo < lo < bhi
+    # chunked resampling (3 draws per chunk here) equals one (num, M) draw from the same generator
+    monkeypatch.setattr(bs, "_CHUNK_ELEMENTS", 37 * 3)
+    v = rng.random(37)
+    direct = v[np.random.default_rng(5).integers(0, 37, (10, 37))].mean(axis=1)
+    np.testing.assert_allclose(resampled_means(v, 10, 5), direct)
+    with pytest.raises(ValueError, match="same images"):
+        paired_bootstrap(a, b[:-1])
+    with pytest.raises(ValueError, match="non-empty"):
+        bootstrap_interval([])

@@ -14,7 +14,8 @@ from mergevq.tokenizer import build_tokenizer
 
 TINY = dict(ch=8, num_res_blocks=1, dim=16, depth=2, heads=2, dec_ch=8, dec_num_res_blocks=1, dec_dim=16,
             dec_depth=1, dec_heads=2, rec_dim=16, rec_heads=2, rec_ffn=32)
-PROBE_KEYS = {"variant", "kept", "encoder", "features", "top1", "train_top1", "epochs", "num_train", "num_val"}
+PROBE_KEYS = {"variant", "kept", "encoder", "features", "top1", "top1_ci", "train_top1", "epochs", "steps",
+              "batch_size", "lr", "num_train", "num_val", "val_correct"}
 FINETUNE_KEYS = {"variant", "kept", "top1", "epochs", "num_train", "num_val"}
 
 
@@ -151,6 +152,8 @@ def test_probe_cli_raw_pixels_well_above_chance(tmp_path, demo_config):
     assert metrics["encoder"] == "raw_pixels" and metrics["variant"] is None and metrics["kept"] is None
     assert (metrics["num_train"], metrics["num_val"], metrics["epochs"]) == (1437, 360, 3)
     assert metrics["top1"] > 0.7  # chance is 0.1
+    assert len(metrics["val_correct"]) == 360 and sum(metrics["val_correct"]) / 360 == pytest.approx(metrics["top1"])
+    assert metrics["top1_ci"][0] < metrics["top1"] < metrics["top1_ci"][1]
 
 
 @pytest.mark.parametrize("features", ["tokens_mean", "global"])

@@ -7,4 +7,5 @@
 * ``reconstruction`` per-image PSNR, SSIM and LPIPS (VGG16 trunk from a local file).
 * ``flops``          multiply-accumulate counts (Table A1) with torch's FlopCounterMode.
 * ``linear_probe``   the MAE linear-probing protocol of App. A.4.
+* ``bootstrap``      percentile bootstrap intervals of accuracies, paired between two encoders.
 """

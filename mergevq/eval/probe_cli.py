@@ -16,7 +16,9 @@ Raw pixels are the [-1, 1] images, area-averaged to at most 32 x 32 (an ImageNet
 full-resolution pixels would hold 1.28M x 196,608 floats), then flattened.
 
 The JSON (written atomically): {"variant", "kept", "encoder": "trained"|"random_init"|"raw_pixels",
-"features", "top1", "train_top1", "epochs", "num_train", "num_val"}.
+"features", "top1", "top1_ci" ([low, high], 95% percentile bootstrap over the val images),
+"train_top1", "epochs", "steps", "batch_size", "lr", "num_train", "num_val", "val_correct" (0/1 per
+val image in dataset order: `mergevq table` compares encoders pairwise on it)}.
 """
 from __future__ import annotations
 
@@ -126,6 +128,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from mergevq.config import ConfigError, load_config
     from mergevq.data import build_dataset
+    from mergevq.eval.bootstrap import bootstrap_interval
     from mergevq.eval.linear_probe import train_linear_probe
     from mergevq.files import write_json
 
@@ -166,8 +169,11 @@ def run(args: argparse.Namespace) -> int:
                                 lr=float(lp["lr"]), batch_size=batch, weight_decay=float(lp["weight_decay"]),
                                 seed=seed, device=args.device)
     metrics = {"variant": variant, "kept": kept, "encoder": encoder, "features": kind, "top1": result.top1,
-               "train_top1": result.train_top1, "epochs": int(lp["epochs"]), "num_train": len(train.labels),
-               "num_val": len(val.labels)}
+               "top1_ci": list(bootstrap_interval(result.val_correct.numpy(), seed=seed)),
+               "train_top1": result.train_top1, "epochs": int(lp["epochs"]),
+               "steps": result.steps, "batch_size": batch, "lr": float(lp["lr"]),
+               "num_train": len(train.labels), "num_val": len(val.labels),
+               "val_correct": result.val_correct.int().tolist()}
     write_json(args.out, metrics)
     what = encoder if variant is None else f"{encoder} {variant} K={kept}"
     print(f"linear probe ({what}, {kind}): top-1 {result.top1:.4f} (train {result.train_top1:.4f})")

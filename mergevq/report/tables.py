@@ -28,6 +28,7 @@ from typing import Iterable, NamedTuple, Sequence
 import pandas as pd
 
 from mergevq.config import REPO_ROOT
+from mergevq.eval.bootstrap import paired_bootstrap
 
 PAPER_DIR = REPO_ROOT / "results" / "paper"
 # Tokens before merging, L, of each variant in the paper (Sec. 5.1, Table A1 at 256 px).
@@ -248,6 +249,22 @@ def build_table1(probe_jsons: Sequence[str | Path], finetune_jsons: Sequence[str
     def top1(record):
         return _fraction_to_percent(record["top1"], record["_path"], "top1") if record else math.nan
 
+    def interval(record) -> dict:
+        ci = record.get("top1_ci") if record else None
+        return ({"linear_top1_ci_low": 100 * ci[0], "linear_top1_ci_high": 100 * ci[1]} if ci
+                else {"linear_top1_ci_low": math.nan, "linear_top1_ci_high": math.nan})
+
+    def gain(record, baseline) -> dict:
+        """Paired bootstrap of trained minus random-init top-1 over the same val images."""
+        cells = dict.fromkeys(("linear_gain_vs_random", "linear_gain_ci_low", "linear_gain_ci_high"), math.nan)
+        if not (record and baseline and "val_correct" in record and "val_correct" in baseline):
+            return cells
+        if len(record["val_correct"]) != len(baseline["val_correct"]):
+            raise ReportError(f"{record['_path']} and {baseline['_path']} score different numbers of val images "
+                              f"({len(record['val_correct'])} vs {len(baseline['val_correct'])})")
+        d, lo, hi = paired_bootstrap(record["val_correct"], baseline["val_correct"], seed=int(cfg["seed"]))
+        return {"linear_gain_vs_random": 100 * d, "linear_gain_ci_low": 100 * lo, "linear_gain_ci_high": 100 * hi}
+
     rows = []
     for v in variants(cfg):
         k = target_kept(cfg, v)
@@ -259,6 +276,8 @@ def build_table1(probe_jsons: Sequence[str | Path], finetune_jsons: Sequence[str
             "method": method_name(v), "tokens": k,
             "paper_tokens": match["tokens"].iloc[0] if len(match) else math.nan,
             **{column[kind]: top1(trained.get((v, k, kind))) for kind in kinds},
+            **interval(trained.get((v, k, primary))),
+            **gain(trained.get((v, k, primary)), random_init.get((v, primary))),
             "finetune_top1": top1(ft),
             "paper_linear_top1": match["linear_top1"].iloc[0] if len(match) else math.nan,
             "paper_finetune_top1": match["finetune_top1"].iloc[0] if len(match) else math.nan,
@@ -267,9 +286,12 @@ def build_table1(probe_jsons: Sequence[str | Path], finetune_jsons: Sequence[str
         first = next((random_init[(v, kind)] for kind in kinds if (v, kind) in random_init), None)
         rows.append({"method": f"{method_name(v)} encoder, random init",
                      "tokens": first["kept"] if first and first.get("kept") is not None else target_kept(cfg, v),
-                     **{column[kind]: top1(random_init.get((v, kind))) for kind in kinds}})
-    rows.append({"method": "raw pixels", "linear_top1": top1(raw.get("raw_pixels"))})
-    columns = (["method", "tokens", "paper_tokens"] + [column[kind] for kind in kinds]
+                     **{column[kind]: top1(random_init.get((v, kind))) for kind in kinds},
+                     **interval(random_init.get((v, primary)))})
+    rows.append({"method": "raw pixels", "linear_top1": top1(raw.get("raw_pixels")), **interval(raw.get("raw_pixels"))})
+    columns = (["method", "tokens", "paper_tokens", "linear_top1", "linear_top1_ci_low", "linear_top1_ci_high",
+                "linear_gain_vs_random", "linear_gain_ci_low", "linear_gain_ci_high"]
+               + [column[kind] for kind in kinds if kind != primary]
                + ["finetune_top1", "paper_linear_top1", "paper_finetune_top1"])
     df = _intify(pd.DataFrame(rows, columns=columns), ["tokens", "paper_tokens"])
 
@@ -281,10 +303,15 @@ def build_table1(probe_jsons: Sequence[str | Path], finetune_jsons: Sequence[str
         notes.append(
             f"Linear probing: frozen features ({', '.join(feats) or 'none'}; linear_top1 = {primary}, "
             "the config's primary kind: tokens_mean = pre-quantisation merged tokens average-pooled, "
-            "global = the encoder's CLS feature, which the alignment loss (Eq. 12) trains), BN + linear layer "
+            "global = the encoder's CLS feature; the alignment loss (Eq. 12) trains "
+            f"{'the CLS feature' if cfg['tokenizer']['loss'].get('align_feature', 'cls') == 'cls' else 'the averaged merged tokens'}"
+            "), BN + linear layer "
             f"(MAE protocol), {', '.join(map(str, epochs))} epochs, "
             + ", ".join(f"{a} train / {b} val images" for a, b in sizes)
-            + "; top-1 after the last epoch. tokens = K, the kept count the encoder merges to.")
+            + "; top-1 after the last epoch. tokens = K, the kept count the encoder merges to. "
+            "linear_top1_ci_*: 95% percentile bootstrap over the val images; linear_gain_vs_random: "
+            "top-1 minus that of the same architecture at random initialisation, with its paired "
+            "bootstrap interval (both probes' per-image results resampled together).")
     if finetune:
         fts = list(finetune.values())
         notes.append(
