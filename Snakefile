@@ -7,7 +7,7 @@ from pathlib import Path
 import yaml
 from snakemake.utils import min_version, validate
 
-from mergevq.config import config_hash, resolve_snakemake_config, save_config, variant_config
+from mergevq.config import config_hash, resolve_snakemake_config, save_config, uses_ssl_teacher, variant_config
 
 min_version("9.0")
 
@@ -53,6 +53,13 @@ def variant_hash(variant):
 # The demo scores FID with its own digits classifier (its own rule); the paper config uses
 # torch-fidelity's Inception-v3 from weights.inception.
 CLASSIFIER = f"{OUT}/eval/demo_classifier.pt" if config["eval"]["fid"]["extractor"] == "demo-classifier" else []
+# The offline alignment teacher (`tokenizer.loss.teacher: ssl`): SimCLR, trained before the
+# tokenizers in its own rule, as DINOv2 was before the paper's; the paper config reads DINOv2.
+SSL_TEACHER = f"{OUT}/ssl_teacher/model.pt"
+
+
+def ssl_teacher_for(wc):
+    return SSL_TEACHER if uses_ssl_teacher(config, wc.variant) else []
 
 
 include: "workflow/rules/data.smk"

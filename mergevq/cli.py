@@ -14,6 +14,7 @@ import sys
 # command -> (module, one-line help). Commands of stages not built yet are absent, not stubbed.
 COMMANDS: dict[str, tuple[str, str]] = {
     "validate-config": ("mergevq.config_cli", "validate a config file (schema + semantic checks) and print it resolved"),
+    "train-ssl-teacher": ("mergevq.train.ssl_teacher", "train the offline alignment teacher (SimCLR, no labels) for `teacher: ssl`"),
     "train-tokenizer": ("mergevq.train.tokenizer", "stage 1: train a MergeVQ tokenizer variant (resumable)"),
     "train-demo-classifier": ("mergevq.eval.demo_classifier", "train the demo's FID feature extractor on the digits"),
     "fid": ("mergevq.eval.fidelity", "FID between two folders of PNG images (and IS of the first), via torch-fidelity"),

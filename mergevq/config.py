@@ -37,7 +37,13 @@ def parse_overrides(items: Iterable[str]) -> dict:
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not of the form key.path=value")
         key, value = item.split("=", 1)
-        set_dotted(out, key, yaml.safe_load(value))
+        parsed = yaml.safe_load(value)
+        if isinstance(parsed, str):  # YAML 1.1 reads "2e-3" (no dot) as a string; the shell user meant a number
+            try:
+                parsed = float(parsed) if parsed.strip().lower() not in ("nan", "inf", "-inf", "infinity") else parsed
+            except ValueError:
+                pass
+        set_dotted(out, key, parsed)
     return out
 
 
@@ -112,9 +118,18 @@ def _semantic_checks(cfg: dict, source: str) -> None:
         for p in need:
             if p not in ms:
                 fail(f"{key}.merge_sampling.{p}", f"required by distribution {ms['distribution']!r}")
+    if uses_ssl_teacher(cfg) and "ssl_teacher" not in cfg["tokenizer"]:
+        fail("tokenizer.ssl_teacher", "loss.teacher 'ssl' needs the teacher's training settings")
     fid = cfg["eval"].get("fid", {})
     if fid.get("extractor") == "demo-classifier" and "demo_classifier" not in cfg["eval"]:
         fail("eval.demo_classifier", "the demo-classifier FID extractor needs its training settings")
+
+
+def uses_ssl_teacher(cfg: dict, variant: str | None = None) -> bool:
+    """Whether `variant` (any variant when None) aligns (Eq. 12) to the SimCLR teacher (`teacher: ssl`)."""
+    names = [variant] if variant else list(cfg["tokenizer"]["variants"])
+    return any(variant_config(cfg, v)["loss"]["teacher"] == "ssl" and variant_config(cfg, v)["loss"]["align"] > 0
+               for v in names)
 
 
 def load_config(path: str | Path, overrides: Iterable[str] | dict | None = None) -> dict:

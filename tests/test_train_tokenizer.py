@@ -35,6 +35,17 @@ def tiny_config(tmp_path, repo_root, **changes):
     return path
 
 
+def random_ssl_teacher(path):
+    """A `teacher: ssl` artefact with random weights (the real one comes from train-ssl-teacher)."""
+    from mergevq.train.ssl_teacher import SSLTeacherNet, teacher_artifact
+
+    if not path.exists():
+        with torch.random.fork_rng():
+            torch.manual_seed(123)
+            torch.save(teacher_artifact(SSLTeacherNet()), path)
+    return path
+
+
 def train(cfg_path, out, max_steps=None, dist=None):
     from mergevq.train.tokenizer import TokenizerStage
     from mergevq.data import build_dataset
@@ -44,7 +55,8 @@ def train(cfg_path, out, max_steps=None, dist=None):
     vc = variant_config(cfg, "G+R")
     torch.manual_seed(cfg["seed"])
     dist = dist or DistEnv()
-    stage = TokenizerStage(cfg, "G+R", dist)
+    teacher = random_ssl_teacher(cfg_path.parent / "ssl_teacher.pt") if vc["loss"]["teacher"] == "ssl" else None
+    stage = TokenizerStage(cfg, "G+R", dist, teacher_path=teacher)
     tr = vc["train"]
     loop = LoopConfig(vc["steps"], tr["batch_size"], cfg["seed"], tr["log_every"], tr["val_every"],
                       tr["ckpt_every"], max_steps=max_steps)
@@ -56,8 +68,9 @@ def weights(path):
     return art["model"], art["ema"]
 
 
-def test_exact_resume_bit_for_bit(tmp_path, repo_root):
-    cfg = tiny_config(tmp_path, repo_root)
+@pytest.mark.parametrize("teacher", ["ssl", "ema"])  # a frozen teacher; a teacher with EMA state and a centre
+def test_exact_resume_bit_for_bit(tmp_path, repo_root, teacher):
+    cfg = tiny_config(tmp_path, repo_root, **{"tokenizer.loss.teacher": teacher})
     code, _ = train(cfg, tmp_path / "a")
     assert code == 0
     code, _ = train(cfg, tmp_path / "b", max_steps=5)  # stops between checkpoints: saves at stop

@@ -5,23 +5,24 @@ Per step (batch x, kept count K drawn by the merge-ratio sampler, Eq. 19/20):
              + alignment (Eq. 12) + adversarial (hinge, from `gan_start`), one AdamW step
   discriminator (from `gan_start`): hinge + LeCam, one AdamW step
   EMA of the tokenizer weights (and of the self-distillation teacher when `teacher: ema`)
+Alignment teachers (`tokenizer.loss.teacher`): dinov2 (frozen DINOv2-Base, the paper), ssl (frozen
+SimCLR CNN from `mergevq train-ssl-teacher`, the offline demo), ema (DINO self-distillation).
 
-`mergevq train-tokenizer --config C --variant V --out DIR [--max-steps N]`.
+`mergevq train-tokenizer --config C --variant V --out DIR [--max-steps N] [--teacher SSL_MODEL_PT]`.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
 import dataclasses
-import math
 from pathlib import Path
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
-from mergevq.config import config_hash, load_config, variant_config
+from mergevq.config import ConfigError, config_hash, load_config, variant_config
 from mergevq.data import build_dataset
+from mergevq.data.augment import random_resized_crop
 from mergevq.data.datasets import to_unit_range
 from mergevq.data.merge_sampling import MergeRatioSampler
 from mergevq.losses import DINOv2Teacher, EMASelfDistillation, PerceptualLoss, ProjectionHead, alignment_loss
@@ -36,53 +37,54 @@ from mergevq.weights import require_weight
 
 
 
-class AlignBranch(nn.Module):
-    """images -> projection-head logits of the encoder's global (CLS) feature: the student of Eq. (12)."""
+ALIGN_FEATURES = ("cls", "tokens_mean")
 
-    def __init__(self, encoder: nn.Module, head: nn.Module):
+
+def align_feature(encoded, kind: str) -> torch.Tensor:
+    """The (B, d) encoder feature Eq. (12) aligns (`tokenizer.loss.align_feature`).
+
+    cls          the cls token's output, as the authors' release aligns it ("CLS tokens" in Eq. 12);
+    tokens_mean  the K merged tokens Z_K averaged: Sec. 3.1 says the alignment is imposed "on Z_K"
+                 to give the semantic tokens rich semantics, and this is the feature the linear
+                 probe reads (mergevq.eval.probe_cli.pool_features).
+    """
+    if kind == "cls":
+        return encoded.global_feature
+    if kind == "tokens_mean":
+        return encoded.hidden.mean(dim=1)
+    raise ValueError(f"unknown alignment feature {kind!r}; expected one of {ALIGN_FEATURES}")
+
+
+class AlignBranch(nn.Module):
+    """images -> projection-head logits of the aligned feature (ALIGN_FEATURES): the student of Eq. (12)."""
+
+    def __init__(self, encoder: nn.Module, head: nn.Module, feature: str = "cls"):
         super().__init__()
-        self.encoder, self.head = encoder, head
+        self.encoder, self.head, self.feature = encoder, head, feature
 
     def forward(self, images: torch.Tensor, kept: int) -> torch.Tensor:
-        return self.head(self.encoder(images, kept).global_feature)
+        return self.head(align_feature(self.encoder(images, kept), self.feature))
 
 
 class Student(nn.Module):
     """Everything the generator step trains, as one module so DDP can wrap it."""
 
-    def __init__(self, tokenizer: MergeVQ, align_head: nn.Module | None):
+    def __init__(self, tokenizer: MergeVQ, align_head: nn.Module | None, align_on: str = "cls"):
         super().__init__()
-        self.tokenizer, self.align_head = tokenizer, align_head
+        self.tokenizer, self.align_head, self.align_on = tokenizer, align_head, align_on
 
     def forward(self, images, kept, source_grad_to_encoder=True, source_loss_type="bce"):
         out = self.tokenizer(images, kept, source_grad_to_encoder=source_grad_to_encoder,
                              source_loss_type=source_loss_type)
-        align = self.align_head(out.encoded.global_feature) if self.align_head is not None else None
+        align = (self.align_head(align_feature(out.encoded, self.align_on))
+                 if self.align_head is not None else None)
         return out, align
-
-
-def augment_view(images: torch.Tensor, scale=(0.4, 1.0), flip: bool = True) -> torch.Tensor:
-    """A random resized crop (+ optional horizontal flip) per image, back to the input size: the
-    second view v of Eq. (12). Uses the global torch RNG, which checkpoints restore."""
-    B, _, H, W = images.shape
-    out = torch.empty_like(images)
-    for i in range(B):
-        s = float(torch.empty(1).uniform_(*scale))
-        h = w = max(2, int(round(math.sqrt(s) * H)))
-        top = int(torch.randint(0, H - h + 1, (1,)))
-        left = int(torch.randint(0, W - w + 1, (1,)))
-        crop = images[i:i + 1, :, top:top + h, left:left + w]
-        crop = F.interpolate(crop, size=(H, W), mode="bilinear", align_corners=False)
-        if flip and bool(torch.rand(1) < 0.5):
-            crop = crop.flip(-1)
-        out[i] = crop[0]
-    return out
 
 
 class TokenizerStage:
     """Stage-1 state and step for one variant; used by mergevq.train.loop.fit."""
 
-    def __init__(self, cfg: dict, variant: str, dist: DistEnv):
+    def __init__(self, cfg: dict, variant: str, dist: DistEnv, teacher_path: str | None = None):
         self.cfg, self.name, self.dist = cfg, variant, dist
         vc = variant_config(cfg, variant)
         self.vc, self.tr, self.ls = vc, vc["train"], vc["loss"]
@@ -108,14 +110,25 @@ class TokenizerStage:
         self.teacher = self.distill = None
         head = None
         if self.ls["align"] > 0:
-            if self.ls["teacher"] == "dinov2":
-                self.teacher = DINOv2Teacher(require_weight(cfg, "dinov2_base")).to(self.device)
+            if self.ls["teacher"] in ("dinov2", "ssl"):
+                if self.ls["teacher"] == "dinov2":
+                    self.teacher = DINOv2Teacher(require_weight(cfg, "dinov2_base")).to(self.device)
+                else:
+                    if teacher_path is None:
+                        raise ConfigError("tokenizer.loss.teacher is 'ssl': pass the teacher's model.pt with "
+                                          "--teacher (made by `mergevq train-ssl-teacher`, the DAG's "
+                                          "train_ssl_teacher rule)")
+                    from mergevq.train.ssl_teacher import SSLTeacher
+
+                    self.teacher = SSLTeacher(teacher_path).to(self.device)
                 head = ProjectionHead(width, self.teacher.embed_dim, hidden_dim=2048, normalize=False)
             else:
                 head = ProjectionHead(width, 256, hidden_dim=max(256, 2 * width), bottleneck_dim=64)
-        self.student = Student(self.tokenizer, head).to(self.device)
+        align_on = self.ls.get("align_feature", "cls")
+        self.student = Student(self.tokenizer, head, align_on).to(self.device)
         if self.ls["align"] > 0 and self.ls["teacher"] == "ema":
-            self.distill = EMASelfDistillation(AlignBranch(self.tokenizer.encoder, head), out_dim=256).to(self.device)
+            self.distill = EMASelfDistillation(AlignBranch(self.tokenizer.encoder, head, align_on), out_dim=256,
+                                               momentum=self.ls.get("teacher_momentum", 0.996)).to(self.device)
         self.ema = ModelEMA(self.tokenizer, self.tr["ema_decay"])
         self.perceptual = (PerceptualLoss(require_weight(cfg, "vgg16")).to(self.device)
                            if self.ls["perceptual"] > 0 else None)
@@ -162,7 +175,7 @@ class TokenizerStage:
                 terms["perceptual"] = self.perceptual(recon, images)
                 total = total + ls["perceptual"] * terms["perceptual"]
             if align_logits is not None:
-                view = augment_view(images, flip=self.cfg["data"]["dataset"] != "digits")
+                view = random_resized_crop(images, flip=self.cfg["data"]["dataset"] != "digits")
                 if self.teacher is not None:
                     terms["align"] = alignment_loss(align_logits.float(), self.teacher(view), ls["align_temperature"])
                 else:
@@ -184,7 +197,7 @@ class TokenizerStage:
         self.sched_g.step()
         self.ema.update(self.tokenizer)
         if self.distill is not None:
-            self.distill.update(AlignBranch(self.tokenizer.encoder, self.student.align_head))
+            self.distill.update(AlignBranch(self.tokenizer.encoder, self.student.align_head, self.student.align_on))
         if gan_on:
             with torch.autocast(**self.autocast) if self.autocast else contextlib.nullcontext():
                 logits_real = self.disc(images)
@@ -288,6 +301,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="output directory (last.ckpt, model.pt, metrics.csv, ...)")
     parser.add_argument("--max-steps", type=int, default=None,
                         help="stop after this many steps (schedules still span the config's `steps`)")
+    parser.add_argument("--teacher", default=None,
+                        help="the SSL teacher's model.pt (needed when tokenizer.loss.teacher is 'ssl')")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides")
 
 
@@ -296,7 +311,7 @@ def run(args: argparse.Namespace) -> int:
     vc = variant_config(cfg, args.variant)
     dist = DistEnv.from_env()
     torch.manual_seed(cfg["seed"])  # model initialisation is identical on every rank
-    stage = TokenizerStage(cfg, args.variant, dist)
+    stage = TokenizerStage(cfg, args.variant, dist, teacher_path=args.teacher)
     tr = vc["train"]
     loop = LoopConfig(total_steps=vc["steps"], batch_size=tr["batch_size"], seed=cfg["seed"],
                       log_every=tr["log_every"], val_every=tr["val_every"], ckpt_every=tr["ckpt_every"],
