@@ -181,3 +181,19 @@ def test_ddp_two_processes_match_one_process(tmp_path, repo_root):
     print(f"DDP vs single: {diff / norm:.2e} of the weights; training moved them by {changed / norm:.2e}")
     assert diff / norm < 1e-5, diff / norm
     assert changed / norm > 1e-4  # the runs did train: the agreement is not between two copies of the init
+
+
+def test_alignment_reads_the_configured_feature():
+    from mergevq.tokenizer import build_tokenizer
+    from mergevq.train.tokenizer import AlignBranch, align_feature
+
+    torch.manual_seed(0)
+    model = build_tokenizer("G+R-demo", bits=10, kept=36, entropy_group_bits=5, **TINY).eval()
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    enc = model.encode(x, 16)
+    assert torch.equal(align_feature(enc, "cls"), enc.global_feature)
+    assert torch.equal(align_feature(enc, "tokens_mean"), enc.hidden.mean(dim=1))
+    with pytest.raises(ValueError, match="tokens_mean"):
+        align_feature(enc, "patch")
+    head = torch.nn.Linear(model.encoder.dim, 5)
+    assert torch.allclose(AlignBranch(model.encoder, head, "tokens_mean")(x, 16), head(enc.hidden.mean(dim=1)))
