@@ -128,8 +128,8 @@ def _semantic_checks(cfg: dict, source: str) -> None:
 def uses_ssl_teacher(cfg: dict, variant: str | None = None) -> bool:
     """Whether `variant` (any variant when None) aligns (Eq. 12) to the SimCLR teacher (`teacher: ssl`)."""
     names = [variant] if variant else list(cfg["tokenizer"]["variants"])
-    return any(variant_config(cfg, v)["loss"]["teacher"] == "ssl" and variant_config(cfg, v)["loss"]["align"] > 0
-               for v in names)
+    losses = [variant_config(cfg, v)["loss"] for v in names]
+    return any(loss["teacher"] == "ssl" and loss["align"] > 0 for loss in losses)
 
 
 def load_config(path: str | Path, overrides: Iterable[str] | dict | None = None) -> dict:

@@ -129,11 +129,13 @@ def train_linear_probe(
             loss_sum += loss.item() * len(idx)
             seen += len(idx)
             step += 1
-        val_top1 = probe_accuracy(probe, val_x, val_y)
+        val_correct = probe_correct(probe, val_x, val_y)
+        val_top1 = val_correct.float().mean().item()
         history.append({"epoch": epoch, "lr": opt.param_groups[0]["lr"], "loss": loss_sum / seen, "val_top1": val_top1})
         bar.set_postfix(loss=f"{loss_sum / seen:.4f}", val_top1=f"{val_top1:.4f}")
     bar.close()
-    val_correct = probe_correct(probe, val_x, val_y)
+    if not history:  # epochs=0: the untrained probe
+        val_correct = probe_correct(probe, val_x, val_y)
     return ProbeResult(
         top1=val_correct.float().mean().item(),  # = history[-1]["val_top1"]: the same final probe
         train_top1=probe_accuracy(probe, train_x, train_y),

@@ -339,6 +339,16 @@ def _sweep_index(records: list[dict]) -> dict:
     return _index(records, lambda r: (r["variant"], r["kept"]), "reconstruction")
 
 
+def _at_target_kept(sweep_jsons: Sequence[str | Path], cfg: dict) -> tuple[list, list[tuple]]:
+    """The sweep records read, and per variant (variant, K, paper_k, its record at K or None)."""
+    sweep = _sweep_index(read_metrics(sweep_jsons, "sweep"))
+    out = []
+    for v in variants(cfg):
+        k = target_kept(cfg, v)
+        out.append((v, k, paper_k(cfg, v, k), sweep.get((v, k))))
+    return [rec for *_, rec in out if rec is not None], out
+
+
 def _none_to_nan(value) -> float:
     return math.nan if value is None else value
 
@@ -346,18 +356,13 @@ def _none_to_nan(value) -> float:
 def build_table2(sweep_jsons: Sequence[str | Path], paper_csv: str | Path, cfg: dict) -> Table:
     """One row per variant at its target K: rFID (ground-truth S) with CI, codebook usage, PSNR,
     SSIM, LPIPS; paper rFID / usage from the MergeVQ row with the same method and paper_k tokens."""
-    records = read_metrics(sweep_jsons, "sweep")
-    sweep = _sweep_index(records)
+    used, targets = _at_target_kept(sweep_jsons, cfg)
     paper = pd.read_csv(paper_csv)
-    rows, used = [], []
-    for v in variants(cfg):
-        k = target_kept(cfg, v)
-        pk = paper_k(cfg, v, k)
-        rec = sweep.get((v, k))
+    rows = []
+    for v, k, pk, rec in targets:
         match = paper[(paper["method"] == method_name(v)) & (paper["tokens"] == pk)]
         row = {"method": method_name(v), "tokens": k, "paper_k": pk}
         if rec is not None:
-            used.append(rec)
             row.update(_rfid_cells(rec))
             row.update({"codebook_usage_percent": _fraction_to_percent(rec["codebook_usage"], rec["_path"], "codebook_usage"),
                         "psnr": rec["psnr_gt"], "ssim": rec["ssim_gt"], "lpips": _none_to_nan(rec.get("lpips_gt"))})
@@ -470,16 +475,10 @@ def build_table5(sweep_jsons: Sequence[str | Path], paper_csv: str | Path, cfg: 
     """Two rows per variant at its target K: decoding with the encoder's S and with Source
     Recovery's S_hat (rFID with CI, PSNR, SSIM; source accuracy with its chance level and the
     position-only baseline on the S_hat row). Paper rFID from the stage-1 rows of Table 5."""
-    records = read_metrics(sweep_jsons, "sweep")
-    sweep = _sweep_index(records)
+    used, targets = _at_target_kept(sweep_jsons, cfg)
     paper = pd.read_csv(paper_csv)
-    rows, used = [], []
-    for v in variants(cfg):
-        k = target_kept(cfg, v)
-        pk = paper_k(cfg, v, k)
-        rec = sweep.get((v, k))
-        if rec is not None:
-            used.append(rec)
+    rows = []
+    for v, k, pk, rec in targets:
         for label, which in ((RECOVERY_GT, "gt"), (RECOVERY_PRED, "pred")):
             row = {"version": f"({v})", "recovery": label, "tokens": k, "paper_k": pk}
             if rec is not None:

@@ -166,13 +166,15 @@ class SSLTeacher(nn.Module):
 
     def __init__(self, path: str | os.PathLike):
         super().__init__()
-        path = Path(path)
-        if not path.is_file():
+        from mergevq.train.checkpoint import load_checkpoint
+
+        try:
+            art = load_checkpoint(path, weights_only=False)  # CheckpointError names a corrupt file
+        except FileNotFoundError:
             raise FileNotFoundError(f"SSL alignment teacher not found: {path} (make it with `mergevq "
                                     f"train-ssl-teacher --config C --out DIR`; the DAG's train_ssl_teacher rule "
-                                    f"does, and passes DIR/model.pt to train-tokenizer --teacher)")
-        art = torch.load(path, map_location="cpu", weights_only=False)
-        if not isinstance(art, dict) or art.get("format") != ARTIFACT_FORMAT:
+                                    f"does, and passes DIR/model.pt to train-tokenizer --teacher)") from None
+        if art.get("format") != ARTIFACT_FORMAT:
             raise ValueError(f"{path} is not an SSL teacher artefact (format {ARTIFACT_FORMAT!r})")
         self.config = SSLTeacherConfig(**art["teacher_config"])
         net = SSLTeacherNet(self.config)
