@@ -2,12 +2,13 @@
 #   cluster:  snakemake --profile profiles/slurm all                 (config/config.yaml, the paper)
 #   laptop:   snakemake all --configfile config/demo.yaml --cores 2  (what `make demo` runs)
 # Rules call the `mergevq` command line; all logic lives in the package.
+import os
 from pathlib import Path
 
-import yaml
 from snakemake.utils import min_version, validate
 
-from mergevq.config import config_hash, resolve_snakemake_config, save_config, uses_ssl_teacher, variant_config
+from mergevq.config import (config_hash, resolve_snakemake_config, resolved_config_path, uses_ssl_teacher, variant_config,
+                            write_resolved_config)
 
 min_version("9.0")
 
@@ -27,11 +28,18 @@ wildcard_constraints:
 OUT = f"results/{RUN}"
 VARIANTS = list(config["tokenizer"]["variants"])
 
-# The resolved config, written once per run (only when its content changed, so its mtime stays
-# put); every job reads this file, so Snakemake and the jobs use the same object.
-RESOLVED = Path(OUT) / "config.yaml"
-if not RESOLVED.exists() or yaml.safe_load(RESOLVED.read_text()) != config:
-    save_config(dict(config), RESOLVED)
+# The resolved config every job reads: content-addressed (results/{run}/configs/{hash}.yaml), written
+# in `onstart` (a dry run writes nothing) and handed to jobs through the MERGEVQ_CONFIG environment
+# variable (rules call `mergevq ... --config "$MERGEVQ_CONFIG"`). Not a rule param: a param holding the
+# hash would rerun every job on any config change. Each rule's `settings` param hashes only the config
+# parts it uses, so a change reruns exactly the jobs whose own settings changed. SLURM jobs re-parse
+# this file and set the same variable.
+CONFIG_FILE = resolved_config_path(config, OUT)
+os.environ["MERGEVQ_CONFIG"] = str(CONFIG_FILE)
+
+
+onstart:
+    write_resolved_config(dict(config), CONFIG_FILE)
 
 
 def res(kind):

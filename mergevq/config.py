@@ -37,14 +37,28 @@ def parse_overrides(items: Iterable[str]) -> dict:
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not of the form key.path=value")
         key, value = item.split("=", 1)
-        parsed = yaml.safe_load(value)
-        if isinstance(parsed, str):  # YAML 1.1 reads "2e-3" (no dot) as a string; the shell user meant a number
-            try:
-                parsed = float(parsed) if parsed.strip().lower() not in ("nan", "inf", "-inf", "infinity") else parsed
-            except ValueError:
-                pass
-        set_dotted(out, key, parsed)
+        set_dotted(out, key, parse_scalar(value))
     return out
+
+
+def parse_scalar(text: str) -> Any:
+    """A command-line value as YAML would type it, and "2e-3" as the number the shell user meant."""
+    parsed = yaml.safe_load(text)
+    if isinstance(parsed, str):  # YAML 1.1 reads "2e-3" (no dot) as a string
+        try:
+            parsed = float(parsed) if parsed.strip().lower() not in ("nan", "inf", "-inf", "infinity") else parsed
+        except ValueError:
+            pass
+    return parsed
+
+
+def _typed_leaves(value: Any) -> Any:
+    """Snakemake parses a nested ``--config key={...}`` with YAML's BaseLoader: every leaf is a string."""
+    if isinstance(value, dict):
+        return {k: _typed_leaves(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_typed_leaves(v) for v in value]
+    return parse_scalar(value) if isinstance(value, str) else value
 
 
 def set_dotted(tree: dict, key: str, value: Any) -> None:
@@ -174,14 +188,44 @@ def save_config(cfg: dict, path: str | Path) -> None:
     write_text(path, yaml.safe_dump(cfg, sort_keys=False))
 
 
+def resolved_config_path(cfg: dict, out_dir: str | Path) -> Path:
+    """Where a run keeps its resolved config: ``{out_dir}/configs/{config_hash}.yaml``.
+
+    Content-addressed, so a changed config gets a new file and never alters the one that running
+    jobs read. Snakemake hands the path to jobs through the ``MERGEVQ_CONFIG`` environment variable
+    rather than a rule param: a param (or an f-string in the shell command) holding the hash would
+    make every job of the DAG rerun on any config change; the per-rule ``settings`` hash is the
+    rerun trigger instead.
+    """
+    return Path(out_dir) / "configs" / f"{config_hash(cfg)}.yaml"
+
+
+def write_resolved_config(cfg: dict, path: str | Path) -> Path:
+    """Write `cfg` to its content-addressed `path` once (atomically); refuse a differing file there."""
+    path = Path(path)
+    if path.exists():
+        try:
+            existing = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: resolved config is not valid YAML ({exc}); move it aside") from exc
+        if existing != cfg:
+            raise ConfigError(f"{path}: holds another config than its name's hash {path.stem}; "
+                              "it was edited by hand: move it aside")
+        return path
+    save_config(cfg, path)
+    return path
+
+
 def resolve_snakemake_config(configfiles: list, cli_config: dict, default: str | Path) -> tuple[Path, dict]:
     """The one config a Snakemake run uses: exactly one YAML file plus ``--config`` overrides.
 
     Snakemake deep-merges ``--configfile`` over the Snakefile's own ``configfile:``, so a demo run
     would silently inherit paper keys (ImageNet paths, teacher weights). The Snakefile therefore
     declares no ``configfile:`` and calls this instead: the last ``--configfile`` (or ``default``)
-    is read on its own, ``--config a.b=v`` overrides are applied by dotted path, and the result is
-    validated.
+    is read on its own, ``--config`` overrides are deep-merged into it, and the result is validated.
+    Snakemake refuses dotted keys (``--config data.root=/x``: "must start with a valid identifier"),
+    so a nested setting is given as a mapping: ``--config 'data={"root": "/x"}'``; its leaves arrive
+    as strings (YAML BaseLoader) and are typed here as YAML scalars.
     """
     if len(configfiles) > 1:
         raise ConfigError(
@@ -190,6 +234,6 @@ def resolve_snakemake_config(configfiles: list, cli_config: dict, default: str |
         )
     path = Path(configfiles[0]) if configfiles else Path(default)
     overrides: dict = {}
-    for key, value in dict(cli_config).items():  # Snakemake has already parsed the values
-        set_dotted(overrides, key, value)
+    for key, value in dict(cli_config).items():  # top-level values are typed by Snakemake already
+        set_dotted(overrides, key, _typed_leaves(value) if isinstance(value, (dict, list)) else value)
     return path, load_config(path, overrides)

@@ -1,12 +1,19 @@
-"""Atomic file writes: every output appears whole or not at all (temp file + rename)."""
+"""Atomic file writes (every output appears whole or not at all: temp file + rename), and loading
+the torch files they write with a clear error for a truncated or corrupt one."""
 from __future__ import annotations
 
 import contextlib
 import json
 import os
+import pickle
 import tempfile
+import zipfile
 from pathlib import Path
 from typing import Any, Iterator
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used; the message names the file and the reason."""
 
 
 @contextlib.contextmanager
@@ -40,3 +47,40 @@ def torch_save(obj: Any, path: str | os.PathLike) -> None:
 
     with atomic_path(path) as tmp:
         torch.save(obj, tmp)
+
+
+def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu", weights_only: bool = True) -> dict:
+    """Load a checkpoint written by `save_checkpoint`.
+
+    Raises FileNotFoundError if there is none (the caller decides whether that means "start fresh"),
+    and CheckpointError if the file exists but is truncated or corrupt. weights_only=True (default)
+    unpickles only tensors and plain containers; our checkpoints hold nothing else (`rng_state`
+    stores numpy's state as a tensor for that reason).
+    """
+    import torch
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no checkpoint at {path}")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=weights_only)
+    except pickle.UnpicklingError as exc:
+        if weights_only and "weights only" in str(exc).lower():
+            raise CheckpointError(
+                f"checkpoint {path} holds objects other than tensors and plain containers; "
+                f"load it with weights_only=False only if you trust it ({str(exc).splitlines()[0]})"
+            ) from exc
+        raise _corrupt(path, exc) from exc
+    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError, KeyError) as exc:
+        raise _corrupt(path, exc) from exc
+    if not isinstance(state, dict):
+        raise CheckpointError(f"checkpoint {path} holds a {type(state).__name__}, not a dict")
+    return state
+
+
+def _corrupt(path: Path, exc: BaseException) -> CheckpointError:
+    size = path.stat().st_size if path.exists() else 0
+    return CheckpointError(
+        f"truncated or corrupt checkpoint {path} ({size} bytes): {type(exc).__name__}: {exc}; "
+        f"refusing to restart from scratch over it. Move it aside (or restore a good copy) to continue."
+    )

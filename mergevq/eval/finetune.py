@@ -288,7 +288,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from mergevq.config import load_config
     from mergevq.files import write_json
-    from mergevq.train.tokenizer import load_tokenizer
+    from mergevq.tokenizer import load_tokenizer
 
     cfg = load_config(args.config, args.set)
     model, art = load_tokenizer(args.tokenizer, weights="ema")

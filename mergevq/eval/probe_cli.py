@@ -141,7 +141,7 @@ def run(args: argparse.Namespace) -> int:
         model, variant, kept, encoder, kind = None, None, None, RAW_PIXELS, RAW_PIXELS
     else:
         if args.tokenizer:
-            from mergevq.train.tokenizer import load_tokenizer
+            from mergevq.tokenizer import load_tokenizer
 
             model, art = load_tokenizer(args.tokenizer, weights="ema")
             variant, default_kept, encoder = art["variant"], art["kept"], "trained"

@@ -24,7 +24,7 @@ from mergevq.eval.reconstruction import LPIPS, psnr, ssim
 from mergevq.files import write_json
 from mergevq.tokenizer.lfq import codebook_usage
 from mergevq.tokenizer.recovery import source_from_logits
-from mergevq.train.tokenizer import load_tokenizer
+from mergevq.tokenizer import load_tokenizer
 from mergevq.weights import require_weight
 
 

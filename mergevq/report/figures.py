@@ -252,7 +252,7 @@ def validation_images(cfg: dict, num: int):
 
 
 def _load_models(cfg: dict, items) -> dict:
-    from mergevq.train.tokenizer import load_tokenizer
+    from mergevq.tokenizer import load_tokenizer
 
     models = {}
     for path in find_tokenizers(items):

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from pathlib import Path
 from typing import NamedTuple
 
 import torch
@@ -234,3 +235,14 @@ def build_tokenizer(variant: str, **overrides) -> MergeVQ:
     Works under `with torch.device("meta"):` (nothing is read or computed from data at build time).
     """
     return MergeVQ(tokenizer_config(variant, **overrides))
+
+
+def load_tokenizer(path: str | Path, weights: str = "ema", map_location="cpu") -> tuple[MergeVQ, dict]:
+    """Rebuild a tokenizer from a stage-1 model.pt; returns (model in eval mode, the artefact dict)."""
+    from mergevq.files import load_checkpoint
+
+    art = load_checkpoint(path, map_location=map_location, weights_only=False)
+    model = MergeVQ(TokenizerConfig(**{k: tuple(v) if isinstance(v, list) else v
+                                       for k, v in art["tokenizer_config"].items()}))
+    model.load_state_dict(art[weights])
+    return model.eval(), art

@@ -9,20 +9,14 @@ would throw away days of training.
 from __future__ import annotations
 
 import os
-import pickle
 import random
-import zipfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from mergevq.files import torch_save
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be used; the message names the file and the reason."""
+from mergevq.files import CheckpointError, load_checkpoint, torch_save  # noqa: F401 (re-exported)
 
 
 def save_checkpoint(state: dict, path: str | os.PathLike) -> None:
@@ -30,41 +24,6 @@ def save_checkpoint(state: dict, path: str | os.PathLike) -> None:
     if not isinstance(state, dict):
         raise TypeError(f"checkpoint state must be a dict, got {type(state).__name__}")
     torch_save(state, path)
-
-
-def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu", weights_only: bool = True) -> dict:
-    """Load a checkpoint written by `save_checkpoint`.
-
-    Raises FileNotFoundError if there is none (the caller decides whether that means "start fresh"),
-    and CheckpointError if the file exists but is truncated or corrupt. weights_only=True (default)
-    unpickles only tensors and plain containers; our checkpoints hold nothing else (`rng_state`
-    stores numpy's state as a tensor for that reason).
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no checkpoint at {path}")
-    try:
-        state = torch.load(path, map_location=map_location, weights_only=weights_only)
-    except pickle.UnpicklingError as exc:
-        if weights_only and "weights only" in str(exc).lower():
-            raise CheckpointError(
-                f"checkpoint {path} holds objects other than tensors and plain containers; "
-                f"load it with weights_only=False only if you trust it ({str(exc).splitlines()[0]})"
-            ) from exc
-        raise _corrupt(path, exc) from exc
-    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError, KeyError) as exc:
-        raise _corrupt(path, exc) from exc
-    if not isinstance(state, dict):
-        raise CheckpointError(f"checkpoint {path} holds a {type(state).__name__}, not a dict")
-    return state
-
-
-def _corrupt(path: Path, exc: BaseException) -> CheckpointError:
-    size = path.stat().st_size if path.exists() else 0
-    return CheckpointError(
-        f"truncated or corrupt checkpoint {path} ({size} bytes): {type(exc).__name__}: {exc}; "
-        f"refusing to restart from scratch over it. Move it aside (or restore a good copy) to continue."
-    )
 
 
 def check_resumable(ckpt: dict, variant: str, config_hash: str, path: str | os.PathLike | None = None) -> None:

@@ -283,17 +283,6 @@ def _unwrap(module: nn.Module) -> nn.Module:
     return getattr(module, "module", module)
 
 
-def load_tokenizer(path: str | Path, weights: str = "ema", map_location="cpu") -> tuple[MergeVQ, dict]:
-    """Rebuild a tokenizer from a stage-1 model.pt; returns (model in eval mode, the artefact dict)."""
-    from mergevq.train.checkpoint import load_checkpoint
-
-    art = load_checkpoint(path, map_location=map_location, weights_only=False)
-    model = MergeVQ(TokenizerConfig(**{k: tuple(v) if isinstance(v, list) else v
-                                       for k, v in art["tokenizer_config"].items()}))
-    model.load_state_dict(art[weights])
-    return model.eval(), art
-
-
 # -- command line ------------------------------------------------------------------------------
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", required=True, help="resolved or source YAML config")

@@ -8,7 +8,6 @@ rule demo_classifier:
         weights=f"{OUT}/eval/demo_classifier.pt",
         summary=f"{OUT}/eval/demo_classifier.json",
     params:
-        config=str(RESOLVED),
         settings=config_hash({"eval": config["eval"].get("demo_classifier"), "data": config["data"]}),
     log:
         f"{OUT}/logs/demo_classifier.log",
@@ -17,7 +16,7 @@ rule demo_classifier:
     resources:
         **res("cpu_rule"),
     shell:
-        "mergevq train-demo-classifier --config {params.config} --out {output.weights} "
+        "mergevq train-demo-classifier --config \"$MERGEVQ_CONFIG\" --out {output.weights} "
         "--json {output.summary} > {log} 2>&1"
 
 
@@ -27,7 +26,6 @@ rule reference_features:
     output:
         features=f"{OUT}/eval/reference/val_features.pt",
     params:
-        config=str(RESOLVED),
         classifier=lambda wc, input: f"--classifier {input.classifier}" if input.classifier else "",
         settings=config_hash({"fid": config["eval"]["fid"], "data": config["data"]}),
     log:
@@ -37,5 +35,5 @@ rule reference_features:
     resources:
         **res("eval_rule"),
     shell:
-        "mergevq reference-features --config {params.config} {params.classifier} "
+        "mergevq reference-features --config \"$MERGEVQ_CONFIG\" {params.classifier} "
         "--out {output.features} > {log} 2>&1"

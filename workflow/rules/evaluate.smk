@@ -14,7 +14,6 @@ rule linear_probe:
     output:
         metrics=f"{OUT}/probe/{{variant}}/k{{kept}}/metrics.json",
     params:
-        config=str(RESOLVED),
         settings=config_hash(config["eval"]["linear_probe"]),
     log:
         f"{OUT}/logs/linear_probe/{{variant}}_k{{kept}}.log",
@@ -23,7 +22,7 @@ rule linear_probe:
     resources:
         **res("eval_rule"),
     shell:
-        "mergevq linear-probe --config {params.config} --tokenizer {input.tokenizer} "
+        "mergevq linear-probe --config \"$MERGEVQ_CONFIG\" --tokenizer {input.tokenizer} "
         "--kept {wildcards.kept} --out {output.metrics} > {log} 2>&1"
 
 
@@ -34,7 +33,6 @@ rule linear_probe_features:
     output:
         metrics=f"{OUT}/probe/{{variant}}/k{{kept}}/{{features}}/metrics.json",
     params:
-        config=str(RESOLVED),
         settings=config_hash(config["eval"]["linear_probe"]),
     log:
         f"{OUT}/logs/linear_probe/{{variant}}_k{{kept}}_{{features}}.log",
@@ -43,7 +41,7 @@ rule linear_probe_features:
     resources:
         **res("eval_rule"),
     shell:
-        "mergevq linear-probe --config {params.config} --tokenizer {input.tokenizer} --kept {wildcards.kept} "
+        "mergevq linear-probe --config \"$MERGEVQ_CONFIG\" --tokenizer {input.tokenizer} --kept {wildcards.kept} "
         "--set eval.linear_probe.features={wildcards.features} --out {output.metrics} > {log} 2>&1"
 
 
@@ -51,7 +49,6 @@ rule linear_probe_random_init_features:
     output:
         metrics=f"{OUT}/probe/baselines/random_{{variant}}/{{features}}/metrics.json",
     params:
-        config=str(RESOLVED),
         settings=lambda wc: config_hash({"probe": config["eval"]["linear_probe"], "variant": variant_config(config, wc.variant)}),
     log:
         f"{OUT}/logs/linear_probe/random_{{variant}}_{{features}}.log",
@@ -60,7 +57,7 @@ rule linear_probe_random_init_features:
     resources:
         **res("eval_rule"),
     shell:
-        "mergevq linear-probe --config {params.config} --random-init '{wildcards.variant}' "
+        "mergevq linear-probe --config \"$MERGEVQ_CONFIG\" --random-init '{wildcards.variant}' "
         "--set eval.linear_probe.features={wildcards.features} --out {output.metrics} > {log} 2>&1"
 
 
@@ -68,7 +65,6 @@ rule linear_probe_random_init:
     output:
         metrics=f"{OUT}/probe/baselines/random_{{variant}}/metrics.json",
     params:
-        config=str(RESOLVED),
         settings=lambda wc: config_hash({"probe": config["eval"]["linear_probe"], "variant": variant_config(config, wc.variant)}),
     log:
         f"{OUT}/logs/linear_probe/random_{{variant}}.log",
@@ -77,7 +73,7 @@ rule linear_probe_random_init:
     resources:
         **res("eval_rule"),
     shell:
-        "mergevq linear-probe --config {params.config} --random-init '{wildcards.variant}' "
+        "mergevq linear-probe --config \"$MERGEVQ_CONFIG\" --random-init '{wildcards.variant}' "
         "--out {output.metrics} > {log} 2>&1"
 
 
@@ -85,7 +81,6 @@ rule linear_probe_raw_pixels:
     output:
         metrics=f"{OUT}/probe/baselines/raw_pixels/metrics.json",
     params:
-        config=str(RESOLVED),
         settings=config_hash({"probe": config["eval"]["linear_probe"], "data": config["data"]}),
     log:
         f"{OUT}/logs/linear_probe/raw_pixels.log",
@@ -94,7 +89,7 @@ rule linear_probe_raw_pixels:
     resources:
         **res("eval_rule"),
     shell:
-        "mergevq linear-probe --config {params.config} --raw-pixels --out {output.metrics} > {log} 2>&1"
+        "mergevq linear-probe --config \"$MERGEVQ_CONFIG\" --raw-pixels --out {output.metrics} > {log} 2>&1"
 
 
 rule finetune:
@@ -103,7 +98,6 @@ rule finetune:
     output:
         metrics=f"{OUT}/finetune/{{variant}}/metrics.json",
     params:
-        config=str(RESOLVED),
         settings=config_hash(config["eval"]["finetune"]),
     log:
         f"{OUT}/logs/finetune/{{variant}}.log",
@@ -112,5 +106,5 @@ rule finetune:
     resources:
         **res("eval_rule"),
     shell:
-        "mergevq finetune --config {params.config} --tokenizer {input.tokenizer} "
+        "mergevq finetune --config \"$MERGEVQ_CONFIG\" --tokenizer {input.tokenizer} "
         "--out {output.metrics} > {log} 2>&1"

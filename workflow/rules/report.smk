@@ -12,6 +12,9 @@ EXTRA_PROBE_JSONS = [
 ] + [f"{OUT}/probe/baselines/random_{v}/{f}/metrics.json" for v in VARIANTS for f in EXTRA_FEATURES]
 FINETUNE_JSONS = [f"{OUT}/finetune/{v}/metrics.json" for v in VARIANTS]
 TOKENIZERS = [f"{OUT}/tokenizer/{v}/model.pt" for v in VARIANTS]
+# What the tables' and figures' labels and notes read from the config (their numbers come from inputs).
+REPORT_SETTINGS = config_hash({"run": RUN, "seed": config["seed"], "data": config["data"],
+                               "tokenizer": config["tokenizer"], "probe": config["eval"]["linear_probe"]})
 TABLE_INPUTS = {
     "table1": [f"{OUT}/probe/{v}/k{config['tokenizer']['variants'][v]['kept']}/metrics.json" for v in VARIANTS]
     + BASELINE_JSONS
@@ -32,7 +35,7 @@ rule table:
     wildcard_constraints:
         table="|".join(TABLE_INPUTS),
     params:
-        config=str(RESOLVED),
+        settings=REPORT_SETTINGS,
     log:
         f"{OUT}/logs/tables/{{table}}.log",
     benchmark:
@@ -40,7 +43,7 @@ rule table:
     resources:
         **res("cpu_rule"),
     shell:
-        "mergevq table {wildcards.table} --config {params.config} --inputs {input} --out {output.csv} > {log} 2>&1"
+        "mergevq table {wildcards.table} --config \"$MERGEVQ_CONFIG\" --inputs {input} --out {output.csv} > {log} 2>&1"
 
 
 rule figure_tradeoff:
@@ -49,27 +52,26 @@ rule figure_tradeoff:
     output:
         report(f"{OUT}/figures/fig3_tradeoff.png", caption="../report/fig3.rst", category="Figures"),
     params:
-        config=str(RESOLVED),
+        settings=REPORT_SETTINGS,
     log:
         f"{OUT}/logs/figures/fig3.log",
     resources:
         **res("cpu_rule"),
     shell:
-        "mergevq figure fig3_tradeoff --config {params.config} --inputs {input} --out {output} > {log} 2>&1"
+        "mergevq figure fig3_tradeoff --config \"$MERGEVQ_CONFIG\" --inputs {input} --out {output} > {log} 2>&1"
 
 
 rule figure_merge_sampling:
     output:
         report(f"{OUT}/figures/fig5_merge_sampling.png", caption="../report/fig5.rst", category="Figures"),
     params:
-        config=str(RESOLVED),
         settings=config_hash({v: config["tokenizer"]["variants"][v]["merge_sampling"] for v in VARIANTS}),
     log:
         f"{OUT}/logs/figures/fig5.log",
     resources:
         **res("cpu_rule"),
     shell:
-        "mergevq figure fig5_merge_sampling --config {params.config} --out {output} > {log} 2>&1"
+        "mergevq figure fig5_merge_sampling --config \"$MERGEVQ_CONFIG\" --out {output} > {log} 2>&1"
 
 
 # Fig. 4 shows the G+R tokenizer, as the paper's does (the first variant if the config has no G+R).
@@ -82,13 +84,13 @@ rule figure_merge_maps:
     output:
         report(f"{OUT}/figures/fig4_merge_maps.png", caption="../report/fig4_merge_maps.rst", category="Figures"),
     params:
-        config=str(RESOLVED),
+        settings=REPORT_SETTINGS,
     log:
         f"{OUT}/logs/figures/fig4_merge_maps.log",
     resources:
         **res("eval_rule"),
     shell:
-        "mergevq figure fig4_merge_maps --config {params.config} --tokenizers {input} --out {output} > {log} 2>&1"
+        "mergevq figure fig4_merge_maps --config \"$MERGEVQ_CONFIG\" --tokenizers {input} --out {output} > {log} 2>&1"
 
 
 rule figure_reconstructions:
@@ -97,10 +99,10 @@ rule figure_reconstructions:
     output:
         report(f"{OUT}/figures/figA1_reconstructions.png", caption="../report/figA1_reconstructions.rst", category="Figures"),
     params:
-        config=str(RESOLVED),
+        settings=REPORT_SETTINGS,
     log:
         f"{OUT}/logs/figures/figA1_reconstructions.log",
     resources:
         **res("eval_rule"),
     shell:
-        "mergevq figure figA1_reconstructions --config {params.config} --tokenizers {input} --out {output} > {log} 2>&1"
+        "mergevq figure figA1_reconstructions --config \"$MERGEVQ_CONFIG\" --tokenizers {input} --out {output} > {log} 2>&1"

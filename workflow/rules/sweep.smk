@@ -10,7 +10,6 @@ rule evaluate_tokenizer:
     output:
         metrics=f"{OUT}/sweep/{{variant}}/k{{kept}}/metrics.json",
     params:
-        config=str(RESOLVED),
         classifier=lambda wc, input: f"--classifier {input.classifier}" if input.classifier else "",
         settings=config_hash({"fid": config["eval"]["fid"], "weights": config["weights"]}),
     log:
@@ -20,5 +19,5 @@ rule evaluate_tokenizer:
     resources:
         **res("eval_rule"),
     shell:
-        "mergevq evaluate --config {params.config} --tokenizer {input.tokenizer} --kept {wildcards.kept} "
+        "mergevq evaluate --config \"$MERGEVQ_CONFIG\" --tokenizer {input.tokenizer} --kept {wildcards.kept} "
         "--reference {input.reference} {params.classifier} --out {output.metrics} > {log} 2>&1"

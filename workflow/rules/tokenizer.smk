@@ -8,7 +8,6 @@ rule train_ssl_teacher:
     output:
         model=SSL_TEACHER,
     params:
-        config=str(RESOLVED),
         outdir=lambda wc: str(Path(SSL_TEACHER).parent),
         settings=config_hash({"ssl_teacher": config["tokenizer"].get("ssl_teacher"), "data": config["data"],
                               "seed": config["seed"]}),
@@ -20,7 +19,7 @@ rule train_ssl_teacher:
     resources:
         **res("gpu_rule"),
     shell:
-        "mergevq train-ssl-teacher --config {params.config} --out {params.outdir} > {log} 2>&1"
+        "mergevq train-ssl-teacher --config \"$MERGEVQ_CONFIG\" --out {params.outdir} > {log} 2>&1"
 
 
 rule train_tokenizer:
@@ -29,7 +28,6 @@ rule train_tokenizer:
     output:
         model=f"{OUT}/tokenizer/{{variant}}/model.pt",
     params:
-        config=str(RESOLVED),
         outdir=lambda wc: f"{OUT}/tokenizer/{wc.variant}",
         settings=lambda wc: variant_hash(wc.variant),
         launch=launch("gpu_rule"),
@@ -42,5 +40,5 @@ rule train_tokenizer:
     resources:
         **res("gpu_rule"),
     shell:
-        "{params.launch} train-tokenizer --config {params.config} --variant '{wildcards.variant}' "
+        "{params.launch} train-tokenizer --config \"$MERGEVQ_CONFIG\" --variant '{wildcards.variant}' "
         "--out {params.outdir} {params.teacher} > {log} 2>&1"
