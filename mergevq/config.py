@@ -169,8 +169,13 @@ def config_hash(cfg: dict) -> str:
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
-def variant_config(cfg: dict, variant: str) -> dict:
-    """The settings of one tokenizer variant with the shared `train`/`loss` blocks merged under it."""
+def variant_config(cfg: dict, variant: str, kept: int | None = None) -> dict:
+    """The settings of one tokenizer variant with the shared `train`/`loss` blocks merged under it.
+
+    kept: Table 4's other protocol ("with the number of kept tokens during training"): the settings
+    of a tokenizer trained for this K, i.e. target `kept` = K and the merge-ratio sampler translated
+    so that it sits around K as it sat around the variant's own target (`centre_sampler_on`).
+    """
     variants = cfg["tokenizer"]["variants"]
     if variant not in variants:
         raise ConfigError(f"tokenizer.variants: no variant {variant!r} (have {sorted(variants)})")
@@ -179,7 +184,32 @@ def variant_config(cfg: dict, variant: str) -> dict:
     var["loss"] = deep_update(cfg["tokenizer"]["loss"], var.get("loss", {}))
     var["codebook_bits"] = cfg["tokenizer"]["codebook_bits"]
     var["name"] = variant
+    var["trained_for_kept"] = None
+    if kept is not None:
+        key = f"tokenizer.variants.{variant}"
+        if not _is_square(kept) or not 0 < kept <= var["tokens"]:
+            raise ConfigError(f"{key}: kept count {kept} must be a perfect square in [1, tokens={var['tokens']}]")
+        var["merge_sampling"] = centre_sampler_on(var["merge_sampling"], var["kept"], kept, var["tokens"])
+        var["kept"] = kept
+        var["trained_for_kept"] = kept
     return var
+
+
+def centre_sampler_on(ms: dict, target: int, kept: int, tokens: int) -> dict:
+    """The merge-ratio sampler `ms` (built around `target`) moved to sit around `kept` instead.
+
+    Samplers draw K = (k0 + T)^2, so moving means shifting k0 and the range [k_min, k_max] by the
+    same amount in sqrt(K), sqrt(kept) - sqrt(target); the distribution of T (Gaussian or
+    exponential, its parameters, the floor) is unchanged. The range is clipped to [1, tokens].
+    """
+    shift = math.isqrt(kept) - math.isqrt(target)
+    side = math.isqrt(tokens)
+    out = dict(ms)
+    out["k0"] = max(1, ms["k0"] + shift)
+    lo = min(max(1, math.isqrt(ms["k_min"]) + shift), side)
+    hi = min(max(1, math.isqrt(ms["k_max"]) + shift), side)
+    out["k_min"], out["k_max"] = lo * lo, hi * hi
+    return out
 
 
 def save_config(cfg: dict, path: str | Path) -> None:

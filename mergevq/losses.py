@@ -111,18 +111,21 @@ def soft_cross_entropy(student_logits: torch.Tensor, teacher_probs: torch.Tensor
 
 
 def alignment_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 4.0) -> torch.Tensor:
-    """Eq. (12): L = -P(v)^T log P(u), P = softmax(logits / T); student (B,C) on view u, teacher (B,C) on view v.
+    """Eq. (12) at the knowledge-distillation scale: T^2 * (-P(v)^T log P(u)), P = softmax(logits / T);
+    student (B,C) on view u, teacher (B,C) on view v, averaged over the batch.
 
-    The authors' code computes KL(P_teacher || P_student) at T = 4. KL = CE - H(P_teacher), and the
-    teacher entropy does not depend on the student, so the gradients are identical; CE is what
-    Eq. (12) writes (its value is larger by H(P_teacher), so logged numbers differ from theirs).
-    No T^2 factor (the knowledge-distillation convention): the configured weight carries the scale.
+    The authors' `distill_cls_loss` computes KL(P_teacher || P_student) * T^2 at T = 4. KL = CE -
+    H(P_teacher), and the teacher entropy does not depend on the student, so the gradients are
+    identical; CE is what Eq. (12) writes (its value is larger by T^2 H(P_teacher), so logged
+    numbers differ from theirs). The T^2 (Hinton et al.'s convention, which the authors follow)
+    keeps the gradient's size independent of T: without it Table A1's weights would act at 1/16 of
+    their strength at T = 4.
     """
     if student_logits.shape != teacher_logits.shape:
         raise ValueError(f"student logits {tuple(student_logits.shape)} and teacher logits "
                          f"{tuple(teacher_logits.shape)} differ in shape")
     teacher_probs = F.softmax(teacher_logits.detach().float() / temperature, dim=-1)
-    return soft_cross_entropy(student_logits / temperature, teacher_probs)
+    return soft_cross_entropy(student_logits / temperature, teacher_probs) * temperature**2
 
 
 class DINOv2Teacher(nn.Module):
@@ -183,35 +186,40 @@ class DINOv2Teacher(nn.Module):
 
 
 class ProjectionHead(nn.Module):
-    """DINO head: Linear-GELU-Linear-GELU-Linear to a bottleneck, L2-normalise, weight-normed linear.
+    """Linear-GELU-Linear-GELU-Linear, optionally to a bottleneck, then the output layer.
 
     forward(x (B, in_dim)) -> logits (B, out_dim).
-    normalize=True is DINO's head (last layer weight-normed with its gain frozen at 1, so logits lie
-    in [-1, 1] and the temperatures 0.1 / 0.04 set their sharpness): use it with EMASelfDistillation.
-    normalize=False skips the L2-norm and the weight norm, leaving unbounded logits that can match a
-    DINOv2 teacher's pooled features at temperature 4 (out_dim = the teacher's embed_dim).
+    normalize=True is DINO's head (to a bottleneck, L2-normalise, a weight-normed last layer with its
+    gain frozen at 1, so logits lie in [-1, 1] and the temperatures 0.1 / 0.04 set their
+    sharpness): use it with EMASelfDistillation.
+    normalize=False leaves unbounded logits that can match a frozen teacher's pooled features at
+    temperature 4 (out_dim = the teacher's embed_dim). bottleneck_dim=None is the authors'
+    `dist_head: layer3` (Linear(d, 4d), GELU, Linear(4d, 4d), GELU, Linear(4d, out_dim) with
+    hidden_dim = 4d); an integer adds a Linear(hidden, bottleneck) before the output layer.
     """
 
-    def __init__(self, in_dim: int, out_dim: int, hidden_dim: int = 2048, bottleneck_dim: int = 256,
+    def __init__(self, in_dim: int, out_dim: int, hidden_dim: int = 2048, bottleneck_dim: int | None = 256,
                  normalize: bool = True):
         super().__init__()
+        if normalize and bottleneck_dim is None:
+            raise ValueError("ProjectionHead: normalize=True (DINO's head) needs a bottleneck_dim")
         self.normalize = normalize
-        self.mlp = nn.Sequential(
-            nn.Linear(in_dim, hidden_dim), nn.GELU(),
-            nn.Linear(hidden_dim, hidden_dim), nn.GELU(),
-            nn.Linear(hidden_dim, bottleneck_dim),
-        )
+        layers = [nn.Linear(in_dim, hidden_dim), nn.GELU(), nn.Linear(hidden_dim, hidden_dim), nn.GELU()]
+        if bottleneck_dim is not None:
+            layers.append(nn.Linear(hidden_dim, bottleneck_dim))
+        self.mlp = nn.Sequential(*layers)
         for m in self.mlp:
             if isinstance(m, nn.Linear):
                 nn.init.trunc_normal_(m.weight, std=0.02)
                 nn.init.zeros_(m.bias)
+        last_in = hidden_dim if bottleneck_dim is None else bottleneck_dim
         if normalize:
-            self.last = nn.utils.parametrizations.weight_norm(nn.Linear(bottleneck_dim, out_dim, bias=False))
+            self.last = nn.utils.parametrizations.weight_norm(nn.Linear(last_in, out_dim, bias=False))
             gain = self.last.parametrizations.weight.original0
             gain.data.fill_(1.0)
             gain.requires_grad_(False)  # DINO's norm_last_layer: stabilises early training
         else:
-            self.last = nn.Linear(bottleneck_dim, out_dim)
+            self.last = nn.Linear(last_in, out_dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.mlp(x)

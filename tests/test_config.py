@@ -78,3 +78,30 @@ def test_cli_reports_config_errors(repo_root):
         capture_output=True, text=True,
     )
     assert proc.returncode == 2 and "bogus" in proc.stderr
+
+
+@pytest.mark.parametrize("name", ["config.yaml", "demo.yaml"])
+def test_per_kept_sampler_sits_around_each_sweep_k(repo_root, name):
+    # Table 4's per-K protocol: a tokenizer trained for K samples around K as the main one does
+    # around its target; at the target itself the settings are the main tokenizer's.
+    from mergevq.data.merge_sampling import MergeRatioSampler
+
+    cfg = load_config(repo_root / "config" / name)
+    for variant, var in cfg["tokenizer"]["variants"].items():
+        main = variant_config(cfg, variant)
+        at_target = variant_config(cfg, variant, var["kept"])
+        assert at_target["merge_sampling"] == main["merge_sampling"] and at_target["trained_for_kept"] == var["kept"]
+        main_mode = MergeRatioSampler.from_config(main["merge_sampling"]).mode()
+        for k in var["sweep"]:
+            vc = variant_config(cfg, variant, k)
+            sampler = MergeRatioSampler.from_config(vc["merge_sampling"])
+            assert vc["kept"] == k and k in sampler.support()
+            if main_mode == var["kept"]:
+                assert sampler.mode() == k, (variant, k, sampler.probabilities())
+
+
+def test_per_kept_refuses_a_non_square_or_too_large_k(repo_root):
+    cfg = load_config(repo_root / "config" / "demo.yaml")
+    for bad in (50, 81):  # not a square; larger than the 64 tokens of G+R
+        with pytest.raises(ConfigError, match="G\\+R"):
+            variant_config(cfg, "G+R", bad)

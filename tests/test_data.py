@@ -59,3 +59,46 @@ def test_missing_weights_name_path_and_command(tmp_path):
         require_weight({"weights": {"vgg16": str(tmp_path / "x.pth")}}, "vgg16")
     (tmp_path / "x.pth").write_bytes(b"1")
     assert require_weight({"weights": {"vgg16": str(tmp_path / "x.pth")}}, "vgg16") == tmp_path / "x.pth"
+
+
+# ---------------------------------------------------------------------------------------------
+# Merge-ratio sampler: the authors' floor (generate_prob_list in model_mergevq.py)
+
+
+def _authors_prob_list(n, distribution, mean=0.0, std=0.5, lambd=2.0, floor=0.0):
+    """The authors' weights over candidate indices 0..n-1: kernel or density + floor, normalised."""
+    i = np.arange(n)
+    w = np.exp(-((i - mean) ** 2) / (2 * std**2)) if distribution == "gaussian" else lambd * np.exp(-lambd * i)
+    w = w + floor
+    return w / w.sum()
+
+
+def test_sampler_floor_reproduces_the_authors_weights():
+    from mergevq.data.merge_sampling import MergeRatioSampler
+
+    # G+R's 'gaussian-6' candidates [121, ..., 256], centred on 144 (index 1), std 0.5, +0.05
+    s = MergeRatioSampler("gaussian", k0=12, mu=0.0, sigma=0.5, k_min=121, k_max=256, floor=0.05)
+    probs = s.probabilities()
+    assert list(probs) == [121, 144, 169, 196, 225, 256]
+    np.testing.assert_allclose(list(probs.values()), _authors_prob_list(6, "gaussian", mean=1, floor=0.05), rtol=1e-12)
+    assert all(0.03 < probs[k] < 0.035 for k in (196, 225, 256))  # the tails are trained ~3% each
+    # exponential: lam e^(-lam T) + 0.1
+    e = MergeRatioSampler("exponential", k0=6, lam=2.0, k_min=36, k_max=100, floor=0.1)
+    np.testing.assert_allclose(list(e.probabilities().values()), _authors_prob_list(5, "exponential", floor=0.1),
+                               rtol=1e-12)
+    # floor 0 is Eq. (19)/(20) alone: the tail is ~3e-4
+    bare = MergeRatioSampler("gaussian", k0=12, mu=0.0, sigma=0.5, k_min=121, k_max=256).probabilities()
+    assert bare[196] < 5e-4 and bare[144] > probs[144]
+
+
+def test_sampler_floor_draws_and_errors():
+    from mergevq.data.merge_sampling import MergeRatioSampler
+
+    s = MergeRatioSampler.from_config(dict(distribution="gaussian", k0=12, mu=0.0, sigma=0.5, k_min=121,
+                                           k_max=225, floor=0.05))
+    n = 4000
+    draws = [s.sample(t, 0) for t in range(n)]
+    for k, p in s.probabilities().items():
+        assert abs(draws.count(k) / n - p) < 4 * (p * (1 - p) / n) ** 0.5 + 1e-3
+    with pytest.raises(ValueError, match="floor"):
+        MergeRatioSampler("gaussian", k0=12, sigma=0.5, k_min=121, k_max=225, floor=-0.1)

@@ -1,5 +1,6 @@
-"""LFQ invariants: index/code round trips, straight-through sign, factorised vs dense entropy,
-fp32 under autocast, and the codebook entropy of the global batch under torch.distributed."""
+"""LFQ invariants: index/code round trips, straight-through sign, factorised vs dense entropy
+(per-sample, exact codebook, sub-codebook bound), fp32 under autocast, and the codebook entropy of
+the global batch under torch.distributed."""
 from __future__ import annotations
 
 import math
@@ -15,8 +16,10 @@ from mergevq.tokenizer.lfq import (
     codebook_entropy,
     codebook_usage,
     codes_to_indices,
+    exact_codebook_entropy,
     indices_to_codes,
     per_sample_entropy,
+    subcodebook_entropy,
 )
 
 
@@ -91,10 +94,32 @@ def test_factorised_per_sample_entropy_equals_dense(scale):
     assert torch.allclose(g_ours, g_dense, atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("bits", [1, 2, 7, 10, 12])
+@pytest.mark.parametrize("scale", [0.002, 0.01, 0.05])
+def test_exact_codebook_entropy_equals_dense(bits, scale):
+    # Odd and even bit counts (unequal halves), near-uniform to near-one-hot token distributions.
+    z = (torch.randn(3, 20, bits, generator=torch.Generator().manual_seed(2)) * scale).requires_grad_()
+    ours = exact_codebook_entropy(z, 0.01)
+    dense = _dense_codebook_entropy(z, 0.01)
+    assert ours.dtype == torch.float32
+    assert abs(ours.item() - dense.item()) < 1e-5, (ours.item(), dense.item())
+    (g_ours,) = torch.autograd.grad(ours, z)
+    (g_dense,) = torch.autograd.grad(dense, z)
+    assert torch.allclose(g_ours, g_dense, atol=1e-5, rtol=1e-4), (g_ours - g_dense).abs().max()
+    # float64 input: the same function to rounding, so the factorisation itself is exact
+    z64 = z.detach().double().requires_grad_()
+    ours64 = exact_codebook_entropy(z64, 0.01)
+    (g64,) = torch.autograd.grad(ours64, z64)
+    (g64_dense,) = torch.autograd.grad(_dense_codebook_entropy(z64, 0.01), z64)
+    assert abs(ours64.item() - dense.item()) < 1e-10
+    assert torch.allclose(g64, g64_dense, atol=1e-10, rtol=1e-8)
+    assert codebook_entropy(z, 0.01).item() == ours.item()  # the default kind
+
+
 @pytest.mark.parametrize("group_bits", [10, 12])
-def test_codebook_entropy_exact_with_one_group(group_bits):
+def test_subcodebook_entropy_exact_with_one_group(group_bits):
     z = (torch.randn(3, 20, 10, generator=torch.Generator().manual_seed(2)) * 0.01).requires_grad_()
-    ours = codebook_entropy(z, 0.01, group_bits=group_bits)
+    ours = subcodebook_entropy(z, 0.01, group_bits=group_bits)
     dense = _dense_codebook_entropy(z, 0.01)
     assert abs(ours.item() - dense.item()) < 1e-5, (ours.item(), dense.item())
     (g_ours,) = torch.autograd.grad(ours, z)
@@ -104,18 +129,30 @@ def test_codebook_entropy_exact_with_one_group(group_bits):
 
 @pytest.mark.parametrize("group_bits", [1, 3, 4, 9])
 @pytest.mark.parametrize("scale", [0.003, 0.02])
-def test_grouped_codebook_entropy_upper_bounds_dense(group_bits, scale):
+def test_subcodebook_entropy_upper_bounds_exact(group_bits, scale):
     z = torch.randn(3, 20, 10, generator=torch.Generator().manual_seed(3)) * scale
     # Correlated channels make the groups dependent under the batch mean: the bound is strict.
     z[..., 5:] = z[..., :5]
-    grouped = codebook_entropy(z, 0.01, group_bits=group_bits).item()
+    grouped = codebook_entropy(z, 0.01, "subcodebook", group_bits=group_bits).item()
     dense = _dense_codebook_entropy(z, 0.01).item()
+    assert abs(exact_codebook_entropy(z, 0.01).item() - dense) < 1e-5
     assert grouped >= dense - 1e-6 and grouped <= 10 * math.log(2) + 1e-5
     if group_bits <= 5:
         assert grouped > dense + 1e-3
     # One token: its distribution factorises over bits, so every grouping is exact.
-    single = codebook_entropy(z[:1, :1], 0.01, group_bits=group_bits).item()
+    single = subcodebook_entropy(z[:1, :1], 0.01, group_bits=group_bits).item()
     assert abs(single - _dense_codebook_entropy(z[:1, :1], 0.01).item()) < 1e-5
+
+
+def test_codebook_entropy_kind_and_size_errors():
+    z = torch.randn(2, 4, 6)
+    with pytest.raises(ValueError, match="subcodebook"):
+        codebook_entropy(z, 0.01, "bound")
+    with pytest.raises(ValueError, match="codebook_entropy"):
+        LFQ(bits=10, codebook_entropy="dense")
+    with pytest.raises(ValueError, match="subcodebook"):
+        LFQ(bits=30)  # the exact table would hold 2^30 floats
+    assert LFQ(bits=30, codebook_entropy="subcodebook").codebook_entropy == "subcodebook"
 
 
 def test_autocast_bfloat16_outputs_fp32_and_finite():
@@ -153,7 +190,7 @@ _SPLIT = (3, 1)
 _BITS, _GROUP_BITS, _TEMPERATURE = 10, 4, 0.01
 
 
-def _gloo_worker(rank: int, world_size: int, port: int, out_dir: str, z_full: torch.Tensor):
+def _gloo_worker(rank: int, world_size: int, port: int, out_dir: str, z_full: torch.Tensor, kind: str):
     os.environ["MASTER_ADDR"] = "127.0.0.1"
     os.environ["MASTER_PORT"] = str(port)
     torch.set_num_threads(1)
@@ -163,12 +200,13 @@ def _gloo_worker(rank: int, world_size: int, port: int, out_dir: str, z_full: to
     try:
         start = sum(_SPLIT[:rank])
         z = z_full[start : start + _SPLIT[rank]]
-        lfq = LFQ(bits=_BITS, entropy_temperature=_TEMPERATURE, group_bits=_GROUP_BITS).train()
+        lfq = LFQ(bits=_BITS, entropy_temperature=_TEMPERATURE, group_bits=_GROUP_BITS,
+                  codebook_entropy=kind).train()
         entropy = lfq(z).codebook_entropy  # the module path, fp32
         # Gradients in float64: at T = 0.01 the fp32 softmax backward alone differs by ~4e-6
         # between summation orders, which would hide the scaling checked here.
         z64 = z.double().requires_grad_()
-        codebook_entropy(z64, _TEMPERATURE, group_bits=_GROUP_BITS).backward()
+        codebook_entropy(z64, _TEMPERATURE, kind, group_bits=_GROUP_BITS).backward()
         torch.save({"entropy": entropy, "grad": z64.grad}, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         torch.distributed.destroy_process_group()
@@ -180,15 +218,19 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_codebook_entropy_is_global_under_gloo(tmp_path):
+@pytest.mark.parametrize("kind", ["exact", "subcodebook"])
+def test_codebook_entropy_is_global_under_gloo(tmp_path, kind):
     world_size = len(_SPLIT)
     z_full = torch.randn(sum(_SPLIT), 8, _BITS, generator=torch.Generator().manual_seed(5)) * 0.01
     torch.multiprocessing.spawn(
-        _gloo_worker, args=(world_size, _free_port(), str(tmp_path), z_full), nprocs=world_size
+        _gloo_worker, args=(world_size, _free_port(), str(tmp_path), z_full, kind), nprocs=world_size
     )
-    entropy = codebook_entropy(z_full, _TEMPERATURE, group_bits=_GROUP_BITS)
+    # one process on the concatenated batch
+    entropy = codebook_entropy(z_full, _TEMPERATURE, kind, group_bits=_GROUP_BITS)
+    if kind == "exact":
+        assert abs(entropy.item() - _dense_codebook_entropy(z_full, _TEMPERATURE).item()) < 1e-5
     z64 = z_full.double().requires_grad_()
-    (grad,) = torch.autograd.grad(codebook_entropy(z64, _TEMPERATURE, group_bits=_GROUP_BITS), z64)
+    (grad,) = torch.autograd.grad(codebook_entropy(z64, _TEMPERATURE, kind, group_bits=_GROUP_BITS), z64)
     for rank in range(world_size):
         result = torch.load(tmp_path / f"rank{rank}.pt")
         assert abs(result["entropy"].item() - entropy.item()) < 1e-6

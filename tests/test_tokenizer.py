@@ -309,3 +309,81 @@ def test_source_recovery_order_features():
     assert not torch.allclose(ordered(tokens[:, perm]), ordered(tokens)[:, :, perm])
     # relative ranks: the middle token of any odd K gets the same features
     torch.testing.assert_close(rank_features(9, 4)[4], rank_features(25, 4)[12])
+
+
+# ---------------------------------------------------------------------------------------------
+# Decoder positional information (the authors' with_dw_conv=True)
+
+
+def test_decoder_block_without_dw_conv_is_tome_block_at_r0():
+    from mergevq.tokenizer.decoder import DecoderBlock
+    from mergevq.tokenizer.tome import ToMeBlock
+
+    torch.manual_seed(0)
+    tome = ToMeBlock(32, 4, layer_scale_init=0.5).eval()
+    block = DecoderBlock(32, 4, layer_scale_init=0.5, dw_conv=False).eval()
+    block.load_state_dict(tome.state_dict())  # same parameter names
+    x = torch.randn(2, 16, 32)
+    torch.testing.assert_close(block(x), tome(x, 0).x)
+
+
+def test_mix_mlp_mixes_only_grid_neighbours():
+    from mergevq.tokenizer.decoder import MixMlp
+
+    torch.manual_seed(0)
+    mlp = MixMlp(8, 16)
+    g = 6
+    x = torch.randn(1, g * g, 8)
+    p = 2 * g + 3  # row 2, column 3
+    moved = x.clone()
+    moved[0, p] += 1.0
+    changed = (mlp(moved) - mlp(x)).abs().amax(dim=-1)[0] > 0  # (L,)
+    rows, cols = torch.arange(g * g) // g, torch.arange(g * g) % g
+    neighbours = ((rows - 2).abs() <= 1) & ((cols - 3).abs() <= 1)  # the 3x3 window, row-major grid
+    assert torch.equal(changed, neighbours)
+
+
+@pytest.mark.parametrize("dw_conv", [True, False])
+def test_decoder_positional_parts(dw_conv):
+    model = build_tokenizer("G+R-demo", dec_dw_conv=dw_conv)
+    names = set(model.decoder.state_dict())
+    assert ("pos_conv.weight" in names) == dw_conv and ("pos_embed" in names) != dw_conv
+    assert ("blocks.0.mlp.dwconv.weight" in names) == dw_conv
+    if dw_conv:
+        conv = model.decoder.blocks[0].mlp.dwconv
+        assert conv.groups == conv.in_channels == conv.out_channels == 4 * model.decoder.dim
+    torch.manual_seed(0)
+    images = torch.rand(2, 3, 32, 32) * 2 - 1
+    assert model(images, 36).reconstruction.shape == (2, 3, 32, 32)
+
+
+def test_load_tokenizer_reads_artefacts_from_before_the_new_fields(tmp_path):
+    from mergevq.tokenizer import LEGACY_FIELDS, load_tokenizer
+
+    model = build_tokenizer("R-demo", **LEGACY_FIELDS)
+    saved = dataclasses.asdict(model.config)
+    for key in LEGACY_FIELDS:
+        del saved[key]  # an artefact written before these fields existed
+    path = tmp_path / "model.pt"
+    torch.save({"tokenizer_config": saved, "ema": model.state_dict()}, path)
+    loaded, _ = load_tokenizer(path)
+    assert loaded.config == model.config and not loaded.config.dec_dw_conv
+
+
+# ---------------------------------------------------------------------------------------------
+# Encoder at another resolution (the 224-px alignment views of a 256-px model)
+
+
+def test_encoder_any_resolution():
+    torch.manual_seed(0)
+    model = build_tokenizer("G+R-demo").eval()  # 32 px, f = 4: 8 x 8 tokens
+    enc = model.encoder
+    assert torch.equal(enc.position_embedding(enc.grid), enc.pos_embed)
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    torch.testing.assert_close(enc(x, 36, any_resolution=True).z, enc(x, 36).z)
+    out = enc(torch.rand(2, 3, 28, 28) * 2 - 1, 28, any_resolution=True)  # 7 x 7 tokens
+    assert out.source.shape == (2, 28, 49) and is_partition(out.source)
+    with pytest.raises(ValueError, match="32px"):
+        enc(torch.rand(1, 3, 28, 28), 28)  # off by default: a wrongly sized input is an error
+    with pytest.raises(ValueError, match="multiple of 4"):
+        enc(torch.rand(1, 3, 30, 30), 28, any_resolution=True)

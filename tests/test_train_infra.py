@@ -17,7 +17,8 @@ from mergevq.data.merge_sampling import MergeRatioSampler
 from mergevq.losses import (DINOv2Teacher, EMASelfDistillation, PerceptualLoss, ProjectionHead,
                             alignment_loss)
 from mergevq.tokenizer.discriminator import (LeCam, PatchGANDiscriminator, adaptive_generator_weight,
-                                             hinge_d_loss, hinge_g_loss)
+                                             generator_adversarial_loss, hinge_d_loss, hinge_g_loss,
+                                             non_saturating_g_loss)
 from mergevq.train.checkpoint import (CheckpointError, check_resumable, load_checkpoint, rng_state,
                                       save_checkpoint, set_rng_state)
 from mergevq.train.distributed import DistEnv, ShardedSampler
@@ -99,6 +100,22 @@ def test_hinge_losses_known_values():
     fake = torch.tensor([-2.0, 0.0, 1.0])  # relu(1 + x) = [0, 1, 2]   -> mean 1
     assert torch.isclose(hinge_d_loss(real, fake), torch.tensor(0.5 * (5 / 6 + 1)))
     assert torch.isclose(hinge_g_loss(fake), torch.tensor(1 / 3))
+
+
+def test_non_saturating_generator_loss_value_and_gradient():
+    fake = torch.tensor([-2.0, 0.0, 3.0], requires_grad=True)
+    # softplus(-x) = log(1 + e^-x): [log(1 + e^2), log 2, log(1 + e^-3)]
+    expected = (math.log1p(math.exp(2.0)) + math.log(2.0) + math.log1p(math.exp(-3.0))) / 3
+    loss = non_saturating_g_loss(fake)
+    assert math.isclose(loss.item(), expected, rel_tol=1e-6)
+    (grad,) = torch.autograd.grad(loss, fake)
+    # d/dx softplus(-x) / n = -sigmoid(-x) / n: large where D rejects the fake, ~0 where it is fooled
+    sig = [1 / (1 + math.exp(-v)) for v in (2.0, 0.0, -3.0)]
+    torch.testing.assert_close(grad, -torch.tensor(sig) / 3)
+    assert torch.equal(generator_adversarial_loss(fake, "non_saturating"), loss)
+    assert torch.equal(generator_adversarial_loss(fake, "hinge"), hinge_g_loss(fake))
+    with pytest.raises(ValueError, match="non_saturating"):
+        generator_adversarial_loss(fake, "wgan")
 
 
 def test_lecam_zero_when_matched_and_state_round_trip():
@@ -187,17 +204,25 @@ def test_dinov2_teacher_loads_official_layout(tmp_path):
         DINOv2Teacher(tmp_path / "missing.pth", model_name=name)
 
 
-def test_alignment_loss_is_cross_entropy():
+def test_alignment_loss_is_cross_entropy_times_t_squared():
     s, t = torch.randn(4, 10, requires_grad=True), torch.randn(4, 10)
     T = 4.0
-    manual = -(F.softmax(t / T, -1) * F.log_softmax(s / T, -1)).sum(-1).mean()
+    manual = -(F.softmax(t / T, -1) * F.log_softmax(s / T, -1)).sum(-1).mean() * T**2
     loss = alignment_loss(s, t, T)
     assert torch.isclose(loss, manual)
-    kl = F.kl_div(F.log_softmax(s / T, -1), F.softmax(t / T, -1), reduction="batchmean")
-    ent = -(F.softmax(t / T, -1) * F.log_softmax(t / T, -1)).sum(-1).mean()
-    assert torch.isclose(loss, kl + ent, atol=1e-6)  # CE = KL + H(teacher): same student gradient
-    loss.backward()
-    assert s.grad is not None
+    # the authors' distill_cls_loss: kl_div(...) * T^2; CE = KL + H(teacher): same student gradient
+    kl = F.kl_div(F.log_softmax(s / T, -1), F.softmax(t / T, -1), reduction="batchmean") * T**2
+    ent = -(F.softmax(t / T, -1) * F.log_softmax(t / T, -1)).sum(-1).mean() * T**2
+    assert torch.isclose(loss, kl + ent, atol=1e-5)
+    (g_ours,) = torch.autograd.grad(loss, s)
+    (g_kl,) = torch.autograd.grad(kl, s)
+    assert torch.allclose(g_ours, g_kl, atol=1e-6)
+    # Hinton et al.'s reason for T^2: for small logits the gradient, T (p_s - p_t) / B with
+    # p_s - p_t ~ (s - t) / (T C), does not depend on T; without T^2 it would be 16x smaller at T = 4
+    small_s, small_t = (0.01 * torch.randn(4, 10)).requires_grad_(), 0.01 * torch.randn(4, 10)
+    (g4,) = torch.autograd.grad(alignment_loss(small_s, small_t, 4.0), small_s)
+    (g1,) = torch.autograd.grad(alignment_loss(small_s, small_t, 1.0), small_s)
+    assert (g4 - g1).norm() < 0.02 * g1.norm()
 
 
 def test_ema_self_distillation():

@@ -197,3 +197,60 @@ def test_alignment_reads_the_configured_feature():
         align_feature(enc, "patch")
     head = torch.nn.Linear(model.encoder.dim, 5)
     assert torch.allclose(AlignBranch(model.encoder, head, "tokens_mean")(x, 16), head(enc.hidden.mean(dim=1)))
+
+
+def test_alignment_views_and_the_student_pass_kept_count():
+    from mergevq.train.tokenizer import alignment_views, view_kept
+
+    # the reconstruction's merge ratio at the view's token count
+    assert view_kept(144, 256, 196) == 110 and view_kept(256, 1024, 784) == 196
+    assert view_kept(36, 256, 196) == 28 and view_kept(36, 64, 49) == 28 and view_kept(9, 64, 49) == 7
+    torch.manual_seed(0)
+    x = torch.rand(3, 3, 32, 32) * 2 - 1
+    v = alignment_views(x, 36, 64, 4, "separate", 28, (0.4, 1.0), flip=False)
+    assert v.student.shape == v.teacher.shape == (3, 3, 28, 28) and v.kept == 28
+    for b in range(3):  # the teacher's weak view: a plain 28-px window of the image
+        assert any(torch.allclose(v.teacher[b], x[b, :, i:i + 28, j:j + 28]) for i in range(5) for j in range(5))
+    assert not torch.allclose(v.student, v.teacher)  # independent views
+    full = alignment_views(x, 36, 64, 4, "separate", None, (0.4, 1.0), flip=False)
+    assert full.kept == 36 and torch.allclose(full.teacher, x)  # null resolution: the whole image
+    rec = alignment_views(x, 25, 64, 4, "reconstruction", 28, (0.4, 1.0), flip=False)
+    assert rec.student is x and rec.kept == 25 and rec.teacher.shape == x.shape
+    with pytest.raises(ValueError, match="multiple of the encoder's downsampling factor 4"):
+        alignment_views(x, 36, 64, 4, "separate", 30, (0.4, 1.0), flip=False)
+    with pytest.raises(ValueError, match="align_student"):
+        alignment_views(x, 36, 64, 4, "both", 28, (0.4, 1.0), flip=False)
+
+
+def test_separate_student_pass_reads_its_own_view():
+    from mergevq.tokenizer import build_tokenizer
+    from mergevq.train.tokenizer import Student
+
+    torch.manual_seed(0)
+    model = build_tokenizer("G+R-demo", bits=10, kept=36, **TINY).eval()
+    head = torch.nn.Linear(model.encoder.dim, 5)
+    student = Student(model, head, "tokens_mean")
+    x, view = torch.rand(2, 3, 32, 32) * 2 - 1, torch.rand(2, 3, 28, 28) * 2 - 1
+    out, logits = student(x, 36, align_images=view, align_kept=28)
+    expected = head(model.encoder(view, 28, any_resolution=True).hidden.mean(dim=1))
+    torch.testing.assert_close(logits, expected)
+    torch.testing.assert_close(out.reconstruction, model(x, 36).reconstruction)
+    _, from_recon = student(x, 36)  # align_student: reconstruction
+    torch.testing.assert_close(from_recon, head(out.encoded.hidden.mean(dim=1)))
+    grads = torch.autograd.grad(logits.sum(), list(model.encoder.blocks.parameters()), allow_unused=True)
+    assert any(g is not None and g.abs().sum() > 0 for g in grads)
+
+
+def test_training_with_the_alternative_choices(tmp_path, repo_root):
+    # the package's earlier behaviour, each kept as an option: hinge generator loss, the
+    # sub-codebook entropy bound, the student feature from the reconstruction pass
+    cfg = tiny_config(tmp_path, repo_root, **{"tokenizer.loss.gen_adv_loss": "hinge",
+                                              "tokenizer.loss.codebook_entropy": "subcodebook",
+                                              "tokenizer.loss.align_student": "reconstruction",
+                                              "tokenizer.variants.G+R.steps": 6})
+    code, stage = train(cfg, tmp_path / "run")
+    assert code == 0
+    assert stage.tokenizer.quantizer.codebook_entropy == "subcodebook"
+    rows = (tmp_path / "run" / "metrics.csv").read_text().splitlines()
+    header, last = rows[0].split(","), rows[-1].split(",")
+    assert math.isfinite(float(last[header.index("g_adv")])) and math.isfinite(float(last[header.index("align")]))

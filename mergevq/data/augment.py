@@ -10,21 +10,24 @@ import torch
 import torch.nn.functional as F
 
 
-def random_resized_crop(images: torch.Tensor, scale=(0.4, 1.0), flip: bool = True) -> torch.Tensor:
-    """A square random crop covering a `scale` fraction of each image's area, resized back to
-    (H, W) bilinearly, then flipped left-right with probability 1/2 when `flip`.
+def random_resized_crop(images: torch.Tensor, scale=(0.4, 1.0), flip: bool = True,
+                        size: int | None = None) -> torch.Tensor:
+    """A square random crop covering a `scale` fraction of each image's area, resized to
+    (size, size) (default: back to (H, W)) bilinearly, then flipped left-right with probability 1/2
+    when `flip`. Returns (B, 3, size, size).
 
     flip=False for data where mirroring changes the meaning (digits: a mirrored 2 is no digit).
     """
-    B, _, H, W = images.shape
-    out = torch.empty_like(images)
+    B, C, H, W = images.shape
+    out_hw = (H, W) if size is None else (size, size)
+    out = images.new_empty(B, C, *out_hw)
     for i in range(B):
         s = float(torch.empty(1).uniform_(*scale))
         h = w = max(2, int(round(math.sqrt(s) * H)))
         top = int(torch.randint(0, H - h + 1, (1,)))
         left = int(torch.randint(0, W - w + 1, (1,)))
         crop = images[i:i + 1, :, top:top + h, left:left + w]
-        crop = F.interpolate(crop, size=(H, W), mode="bilinear", align_corners=False)
+        crop = F.interpolate(crop, size=out_hw, mode="bilinear", align_corners=False)
         if flip and bool(torch.rand(1) < 0.5):
             crop = crop.flip(-1)
         out[i] = crop[0]

@@ -5,7 +5,14 @@ a perfect square because merged tokens are laid out on a sqrt(K) x sqrt(K) grid:
 
     K = (k0 + T)^2,   T ~ discrete exponential (Eq. 19) or discrete Gaussian (Eq. 20),
 
-truncated to k_min <= K <= k_max and renormalised.
+truncated to k_min <= K <= k_max, a floor added to every candidate's weight, and renormalised.
+
+Floor. The authors' `generate_prob_list` (model_mergevq.py) adds a constant to every candidate's
+weight before normalising: +0.05 to the Gaussian kernel exp(-(T - mu)^2 / (2 sigma^2)) (peak 1)
+and +0.1 to the exponential density lam * exp(-lam T) (peak lam). It keeps the tails of Fig. 5 in
+training a few percent of the time (G+R: K = 196, 225 get ~3% each instead of 3e-4 and 1e-7),
+which the kept-count sweep of Table 4 / Fig. 3 evaluates. `floor` is that constant, added to those
+same weights so the authors' values mean what they mean there; floor = 0 is Eq. (19)/(20) alone.
 
 Sign convention. App. A.3 writes K = (16 - T)^2 for the G version, but Fig. 5(b) shows G's kept
 counts running from 256 *up* to 1024 (stage 2) and over [225, 400] (stage 1), and the R version is
@@ -36,7 +43,8 @@ class MergeRatioSampler:
     """Distribution over kept token counts K = (k0 + T)^2 within [k_min, k_max].
 
     distribution: "gaussian" (Eq. 20, uses mu, sigma), "exponential" (Eq. 19, uses lam, T >= 0),
-    or "fixed" (T = 0 always, K = k0^2).
+    or "fixed" (T = 0 always, K = k0^2). floor: added to every candidate's weight before
+    normalising (the authors' 0.05 Gaussian / 0.1 exponential; see the module docstring).
     """
 
     distribution: str
@@ -46,6 +54,7 @@ class MergeRatioSampler:
     mu: float = 0.0
     sigma: float = 1.0
     lam: float = 1.0
+    floor: float = 0.0
 
     def __post_init__(self) -> None:
         if self.distribution not in DISTRIBUTIONS:
@@ -61,6 +70,8 @@ class MergeRatioSampler:
             raise ValueError(f"merge_sampling.sigma={self.sigma} must be > 0")
         if self.distribution == "exponential" and not self.lam > 0:
             raise ValueError(f"merge_sampling.lam={self.lam} must be > 0")
+        if not (self.floor >= 0 and math.isfinite(self.floor)):
+            raise ValueError(f"merge_sampling.floor={self.floor} must be a finite number >= 0")
         if not self.support():
             raise ValueError(
                 f"merge_sampling: no kept count (k0 + T)^2 with k0={self.k0} and "
@@ -71,7 +82,7 @@ class MergeRatioSampler:
     @classmethod
     def from_config(cls, ms: Mapping[str, Any]) -> "MergeRatioSampler":
         """Build from a `tokenizer.variants.<v>.merge_sampling` config block."""
-        known = {"distribution", "k0", "k_min", "k_max", "mu", "sigma", "lam"}
+        known = {"distribution", "k0", "k_min", "k_max", "mu", "sigma", "lam", "floor"}
         unknown = set(ms) - known
         if unknown:
             raise ValueError(f"merge_sampling: unknown key(s) {sorted(unknown)}")
@@ -89,11 +100,13 @@ class MergeRatioSampler:
         return list(ts)
 
     def _log_weight(self, t: int) -> float:
+        """log of T = t's unnormalised weight before the floor (the authors' generate_prob_list forms)."""
         if self.distribution == "exponential":
-            # Eq. (19): P(T=k) = (1 - e^-lam) e^(-lam k); the constant cancels on renormalising.
-            return -self.lam * t
+            # Eq. (19): P(T=k) proportional to e^(-lam k); weighted as the density lam e^(-lam k), the
+            # scale the authors' floor is added on.
+            return math.log(self.lam) - self.lam * t
         if self.distribution == "gaussian":
-            # Eq. (20): P(T=k) proportional to exp(-(k - mu)^2 / (2 sigma^2)), k integer.
+            # Eq. (20): P(T=k) proportional to exp(-(k - mu)^2 / (2 sigma^2)), k integer (peak 1).
             return -((t - self.mu) ** 2) / (2.0 * self.sigma**2)
         return 0.0
 
@@ -105,7 +118,10 @@ class MergeRatioSampler:
         """{K: P(K)} after truncation to [k_min, k_max] and renormalisation (sums to 1)."""
         ts = self._t_values()
         logw = np.array([self._log_weight(t) for t in ts], dtype=np.float64)
-        w = np.exp(logw - logw.max())  # stable for tiny sigma / large lam
+        if self.floor > 0:
+            w = np.exp(logw) + self.floor  # the sum is at least len(ts) * floor
+        else:
+            w = np.exp(logw - logw.max())  # stable for tiny sigma / large lam
         p = w / w.sum()
         return {(self.k0 + t) ** 2: float(pi) for t, pi in sorted(zip(ts, p), key=lambda x: (self.k0 + x[0]) ** 2)}
 

@@ -64,6 +64,9 @@ class TokenizerConfig:
     dec_dim: int | None = None  # None = dec_ch * dec_ch_mult[-1]
     dec_depth: int = 12
     dec_heads: int = 8
+    # the authors' `with_dw_conv=True`: depth-wise 3x3 conv positional encoding + MixMlp blocks;
+    # False = learned absolute positional embedding + plain MLPs (see decoder.py)
+    dec_dw_conv: bool = True
     # both transformers
     mlp_ratio: float = 4.0
     layer_scale_init: float | None = 1e-5
@@ -75,7 +78,8 @@ class TokenizerConfig:
     rec_use_order: bool = True  # Source Recovery sees the tokens' relative rank (see recovery.py)
     # LFQ entropy penalty
     entropy_temperature: float = 0.01
-    entropy_group_bits: int = 9
+    codebook_entropy: str = "exact"  # "exact" or "subcodebook" (the upper bound; see lfq.py)
+    entropy_group_bits: int = 9  # sub-codebook size of the "subcodebook" kind
     # attention blocks start from DINOv2-Base by weight selection (G, G+R); the trainer calls
     # init_from_dinov2 with the weights file, building never reads files
     dinov2_init: bool = False
@@ -137,6 +141,8 @@ _GR_DEMO = TokenizerConfig(name="G+R-demo", kept=36, ch_mult=(1, 1, 2), dec_ch_m
 _R_DEMO = dataclasses.replace(_GR_DEMO, name="R-demo", kept=9, encoder="vit", patch_size=4)
 
 PRESETS: dict[str, TokenizerConfig] = {c.name: c for c in (_G, _GR, _R, _G_DEMO, _GR_DEMO, _R_DEMO)}
+# TokenizerConfig fields added after artefacts were first saved, with the value those artefacts had
+LEGACY_FIELDS = {"dec_dw_conv": False, "codebook_entropy": "subcodebook"}
 
 
 def tokenizer_config(variant: str, **overrides) -> TokenizerConfig:
@@ -174,14 +180,15 @@ class MergeVQ(nn.Module):
             num_res_blocks=c.num_res_blocks, patch_size=c.patch_size, dim=c.dim,
             depth=c.depth, num_heads=c.heads,
             mlp_ratio=c.mlp_ratio, layer_scale_init=c.layer_scale_init, schedule=c.schedule)
-        self.quantizer = LFQ(c.bits, c.entropy_temperature, c.entropy_group_bits)
+        self.quantizer = LFQ(c.bits, c.entropy_temperature, c.entropy_group_bits,
+                             codebook_entropy=c.codebook_entropy)
         self.recovery = SourceRecovery(c.num_tokens, c.bits, c.rec_dim, c.rec_depth, c.rec_heads,
                                        c.rec_ffn, c.rec_use_order)
         self.decoder = MergeVQDecoder(
             resolution=c.resolution, bits=c.bits, ch=c.dec_ch, ch_mult=c.dec_ch_mult,
             num_res_blocks=c.dec_num_res_blocks, extra_res_blocks=c.dec_extra_res_blocks,
             dim=c.dec_dim, depth=c.dec_depth, num_heads=c.dec_heads, mlp_ratio=c.mlp_ratio,
-            layer_scale_init=c.layer_scale_init)
+            layer_scale_init=c.layer_scale_init, dw_conv=c.dec_dw_conv)
 
     @property
     def num_tokens(self) -> int:
@@ -242,7 +249,8 @@ def load_tokenizer(path: str | Path, weights: str = "ema", map_location="cpu") -
     from mergevq.files import load_checkpoint
 
     art = load_checkpoint(path, map_location=map_location, weights_only=False)
-    model = MergeVQ(TokenizerConfig(**{k: tuple(v) if isinstance(v, list) else v
-                                       for k, v in art["tokenizer_config"].items()}))
+    # fields an artefact saved before they existed was built without (their earlier behaviour)
+    saved = LEGACY_FIELDS | art["tokenizer_config"]
+    model = MergeVQ(TokenizerConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in saved.items()}))
     model.load_state_dict(art[weights])
     return model.eval(), art

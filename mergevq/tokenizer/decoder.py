@@ -3,7 +3,11 @@
 App. A.1: "the corresponding decoder shares a similar architecture as encoders except for using
 ToMe modules". Following the authors' MergeVQDecoder (Open-MAGVIT2 lineage):
   3x3 conv from the D code channels to the attention width d (the deepest CNN width in the paper)
-  -> learned positional embedding + `depth` plain attention blocks (ToMe blocks with r = 0)
+  -> positional information and `depth` pre-norm attention blocks without merging; with
+     dw_conv=True (the default, the authors' `with_dw_conv=True`) a residual depth-wise 3x3 conv on
+     the g x g grid as the positional encoding and "MixMlp" blocks (fc1 -> depth-wise 3x3 conv ->
+     GELU -> fc2); with dw_conv=False a learned absolute embedding and plain MLPs (this package's
+     earlier decoder, kept as an ablation)
   (-> a 1x1 conv to the deepest CNN width, only where a demo preset makes the two differ)
   -> CNN stages from deep to shallow, each entered through an AdaptiveGroupNorm conditioned on the
      code grid, with num_res_blocks (+1 in every stage but the shallowest) residual blocks and a
@@ -21,7 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from mergevq.tokenizer.encoder import ResBlock, group_norm, init_transformer_weights
-from mergevq.tokenizer.tome import ToMeBlock
+from mergevq.tokenizer.tome import Attention, LayerScale, Mlp
 
 
 def tokens_to_grid(tokens: torch.Tensor) -> torch.Tensor:
@@ -31,6 +35,61 @@ def tokens_to_grid(tokens: torch.Tensor) -> torch.Tensor:
     if g * g != L:
         raise ValueError(f"tokens_to_grid: {L} tokens do not form a square grid")
     return tokens.transpose(1, 2).reshape(B, C, g, g)
+
+
+def grid_dwconv(conv: nn.Conv2d, tokens: torch.Tensor) -> torch.Tensor:
+    """A (depth-wise) conv applied to row-major tokens (B, L, C) on their g x g grid -> (B, L, C')."""
+    return conv(tokens_to_grid(tokens)).flatten(2).transpose(1, 2)
+
+
+def depthwise_conv3x3(channels: int) -> nn.Conv2d:
+    """3x3 depth-wise conv with bias, trunc-normal(0.02) weights, zero bias (the authors' init)."""
+    conv = nn.Conv2d(channels, channels, 3, padding=1, groups=channels)
+    nn.init.trunc_normal_(conv.weight, std=0.02)
+    nn.init.zeros_(conv.bias)
+    return conv
+
+
+class MixMlp(nn.Module):
+    """The authors' MixMlp: fc1 -> depth-wise 3x3 conv on the token grid -> GELU -> fc2.
+
+    forward(x (B, L, C), L = g^2 row-major) -> (B, L, C). The conv mixes each hidden channel over
+    the 3x3 neighbourhood, which gives the decoder's attention blocks positional information
+    (Xie et al.'s Mix-FFN, SegFormer) without an absolute embedding.
+    """
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.dwconv = depthwise_conv3x3(hidden)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(grid_dwconv(self.dwconv, self.fc1(x))))
+
+
+class DecoderBlock(nn.Module):
+    """Pre-norm ViT block without merging: x + ls1(attn(norm1(x))), then x + ls2(mlp(norm2(x))).
+
+    mlp is MixMlp (dw_conv=True) or a plain Mlp; parameter names follow ToMeBlock (timm's Block),
+    and with dw_conv=False the block computes exactly ToMeBlock(x, r=0).
+    forward(x (B, L, C), L = g^2 row-major tokens) -> (B, L, C).
+    """
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0,
+                 layer_scale_init: float | None = 1e-5, dw_conv: bool = True):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = Attention(dim, num_heads, qkv_bias=True)
+        self.ls1 = LayerScale(dim, layer_scale_init) if layer_scale_init else nn.Identity()
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = (MixMlp if dw_conv else Mlp)(dim, int(dim * mlp_ratio))
+        self.ls2 = LayerScale(dim, layer_scale_init) if layer_scale_init else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.ls1(self.attn(self.norm1(x))[0])
+        return x + self.ls2(self.mlp(self.norm2(x)))
 
 
 class AdaptiveGroupNorm(nn.Module):
@@ -77,7 +136,7 @@ class MergeVQDecoder(nn.Module):
                  ch_mult: tuple[int, ...] = (1, 2, 4, 8), num_res_blocks: int = 4,
                  extra_res_blocks: int = 1, dim: int | None = None, depth: int = 12,
                  num_heads: int = 8, mlp_ratio: float = 4.0,
-                 layer_scale_init: float | None = 1e-5, out_channels: int = 3):
+                 layer_scale_init: float | None = 1e-5, out_channels: int = 3, dw_conv: bool = True):
         super().__init__()
         factor = 2 ** (len(ch_mult) - 1)
         if resolution % factor:
@@ -91,10 +150,14 @@ class MergeVQDecoder(nn.Module):
         self.dim = dim = dim or width  # attention width; the paper's is the deepest CNN width
 
         self.conv_in = nn.Conv2d(bits, dim, 3, padding=1)
-        self.pos_embed = nn.Parameter(torch.zeros(1, self.num_tokens, dim))
+        self.dw_conv = dw_conv
+        if dw_conv:  # the authors' conditional positional encoding: x + dwconv(x) on the grid
+            self.pos_conv = depthwise_conv3x3(dim)
+        else:
+            self.pos_embed = nn.Parameter(torch.zeros(1, self.num_tokens, dim))
+            nn.init.trunc_normal_(self.pos_embed, std=0.02)
         self.blocks = nn.ModuleList(
-            ToMeBlock(dim, num_heads, mlp_ratio, qkv_bias=True, layer_scale_init=layer_scale_init)
-            for _ in range(depth))
+            DecoderBlock(dim, num_heads, mlp_ratio, layer_scale_init, dw_conv) for _ in range(depth))
         # the demo presets' narrower CNN: a 1x1 projection, the inverse of the encoder's embedding
         self.unembed = nn.Conv2d(dim, width, 1) if dim != width else nn.Identity()
 
@@ -113,8 +176,7 @@ class MergeVQDecoder(nn.Module):
         self.norm_out = group_norm(width)
         self.conv_out = nn.Conv2d(width, out_channels, 3, padding=1)
 
-        nn.init.trunc_normal_(self.pos_embed, std=0.02)
-        init_transformer_weights(self.blocks)
+        init_transformer_weights(self.blocks)  # Linears; the depth-wise convs are initialised above
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         """tokens (B, L, D): recovered codes Z_L (Eq. 14) -> images (B, 3, H, W)."""
@@ -124,9 +186,10 @@ class MergeVQDecoder(nn.Module):
         code = tokens_to_grid(tokens)  # (B, D, g, g), the AdaptiveGroupNorm condition
         x = self.conv_in(code.to(self.conv_in.weight.dtype))  # (B, d, g, g)
         B, C, g, _ = x.shape
-        h = x.flatten(2).transpose(1, 2) + self.pos_embed  # (B, L, d)
+        h = x.flatten(2).transpose(1, 2)  # (B, L, d)
+        h = h + (grid_dwconv(self.pos_conv, h) if self.dw_conv else self.pos_embed)
         for block in self.blocks:
-            h = block(h, 0).x  # r = 0: a plain pre-norm ViT block
+            h = block(h)
         x = self.unembed(h.transpose(1, 2).reshape(B, C, g, g))  # (B, width, g, g)
         for stage in self.stages:
             x = stage.adaptive_norm(x, code)

@@ -1,7 +1,9 @@
-"""Adversarial part of stage-1 training: PatchGAN discriminator, hinge losses, LeCam regulariser.
+"""Adversarial part of stage-1 training: PatchGAN discriminator, GAN losses, LeCam regulariser.
 
 Follows Open-MAGVIT2 (which the authors' code builds on, App. A.1): pix2pix's NLayerDiscriminator
-instead of StyleGAN, no gradient penalty, hinge loss, LeCam regularisation (weight 0.01, EMA 0.999).
+instead of StyleGAN, no gradient penalty, hinge loss for the discriminator, the non-saturating loss
+for the generator (the authors' `gen_adv_loss` default; hinge is an option), LeCam regularisation
+(weight 0.01, EMA 0.999).
 """
 from __future__ import annotations
 
@@ -72,8 +74,10 @@ def _init_weights(m: nn.Module) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# Hinge losses
+# GAN losses
 # ---------------------------------------------------------------------------------------------
+
+GEN_ADV_LOSSES = ("non_saturating", "hinge")
 
 
 def hinge_d_loss(logits_real: torch.Tensor, logits_fake: torch.Tensor) -> torch.Tensor:
@@ -87,6 +91,22 @@ def hinge_d_loss(logits_real: torch.Tensor, logits_fake: torch.Tensor) -> torch.
 def hinge_g_loss(logits_fake: torch.Tensor) -> torch.Tensor:
     """Generator hinge loss -E[D(x_hat)]."""
     return -logits_fake.mean()
+
+
+def non_saturating_g_loss(logits_fake: torch.Tensor) -> torch.Tensor:
+    """Non-saturating generator loss E[-log sigmoid(D(x_hat))] = E[softplus(-D(x_hat))] (Goodfellow
+    et al. 2014), the authors' default `gen_adv_loss`. Its gradient per logit is -sigmoid(-D)/n:
+    strong while the discriminator rejects the fake (D << 0), vanishing once it is fooled."""
+    return F.softplus(-logits_fake).mean()
+
+
+def generator_adversarial_loss(logits_fake: torch.Tensor, kind: str = "non_saturating") -> torch.Tensor:
+    """The generator's adversarial loss of `kind` (config tokenizer.loss.gen_adv_loss)."""
+    if kind == "non_saturating":
+        return non_saturating_g_loss(logits_fake)
+    if kind == "hinge":
+        return hinge_g_loss(logits_fake)
+    raise ValueError(f"gen_adv_loss {kind!r} is not one of {GEN_ADV_LOSSES}")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -199,22 +199,42 @@ class MergeVQEncoder(nn.Module):
         init_transformer_weights(self.blocks)
         init_transformer_weights(self.proj)
 
-    def merge_schedule(self, kept: int, schedule: str | None = None) -> list[int]:
-        """Per-block merge counts r_i with sum L - K (Eq. 7's K = L - sum r)."""
-        return merge_schedule(self.num_tokens, kept, len(self.blocks), schedule or self.schedule)
+    def merge_schedule(self, kept: int, schedule: str | None = None, num_tokens: int | None = None) -> list[int]:
+        """Per-block merge counts r_i with sum L - K (Eq. 7's K = L - sum r); L = num_tokens, by
+        default the token count at the built resolution."""
+        return merge_schedule(num_tokens or self.num_tokens, kept, len(self.blocks), schedule or self.schedule)
 
-    def forward(self, images: torch.Tensor, kept: int, schedule: str | None = None) -> EncoderOutput:
+    def position_embedding(self, grid: int) -> torch.Tensor:
+        """(1, 1 + grid^2, d): the learned embedding, its g x g part resampled bicubically (timm's
+        resample_abs_pos_embed, as ViTs evaluated at another resolution do) when grid != g."""
+        if grid == self.grid:
+            return self.pos_embed
+        from timm.layers import resample_abs_pos_embed
+
+        return resample_abs_pos_embed(self.pos_embed, [grid, grid], [self.grid, self.grid], num_prefix_tokens=1)
+
+    def forward(self, images: torch.Tensor, kept: int, schedule: str | None = None,
+                any_resolution: bool = False) -> EncoderOutput:
         """images (B, 3, H, W) in [-1, 1], kept K in [1, L] -> EncoderOutput (tokens sorted by the
-        first position they cover). schedule overrides the configured merge-schedule kind."""
-        if images.shape[-2:] != (self.resolution, self.resolution):
+        first position they cover). schedule overrides the configured merge-schedule kind.
+
+        any_resolution: accept square images of another side (a multiple of the downsampling factor,
+        e.g. the 224-px alignment views of a 256-px model): L is then (side / f)^2 and the positional
+        embedding is resampled to that grid. Off by default, so a wrongly sized input is an error.
+        """
+        side = images.shape[-1]
+        if images.shape[-2] != side or (not any_resolution and side != self.resolution) \
+                or side % self.stem.factor:
             raise ValueError(f"MergeVQEncoder built for {self.resolution}px images got "
-                             f"{tuple(images.shape)}")
-        rs = self.merge_schedule(kept, schedule)
+                             f"{tuple(images.shape)}" + (f" (square, side a multiple of {self.stem.factor})"
+                                                         if any_resolution else ""))
+        grid = side // self.stem.factor
+        rs = self.merge_schedule(kept, schedule, num_tokens=grid * grid)
         feats = self.stem(images)  # (B, d, g, g), Eq. (1)
         B = feats.shape[0]
         x = self.embed(feats.flatten(2).transpose(1, 2))  # (B, L, d), row-major positions
         cls = self.cls_token.expand(B, -1, -1)
-        x = torch.cat([cls, x], dim=1) + self.pos_embed  # (B, 1 + L, d)
+        x = torch.cat([cls, x], dim=1) + self.position_embedding(grid)  # (B, 1 + L, d)
 
         size = source = None
         for block, r in zip(self.blocks, rs):  # Eq. (7)-(8)

@@ -22,19 +22,27 @@ confident per token, diverse over the batch. Open-MAGVIT2 materialises the (B*N,
 * Per-sample entropy is exact without the dense tensor. p(c|z) ∝ prod_j exp(2 z_j c_j / T), so
   the bits are independent with p(c_j = +1 | z) = sigmoid(4 z_j / T) and the entropy is the sum of
   D binary entropies.
-* Codebook entropy uses sub-codebooks of ``group_bits`` bits (the last group takes the remainder).
-  For each group the exact per-token distribution over its 2^g codes (the group's marginal of
-  p(.|z_t), because bits are independent per token) is averaged over the batch, and the entropies
-  of these averaged group marginals are summed. By subadditivity of entropy this sum is an UPPER
-  BOUND on the entropy of the true batch-mean distribution over all 2^D codes, with equality when
-  the groups are independent under the batch mean; it rewards each sub-codebook being used
-  uniformly but cannot see correlations between groups. The gap grows when the batch has far
-  fewer tokens than codes: the dense value is at most about log(tokens) + the per-sample entropy,
-  the grouped one about n_groups * log(min(tokens, 2^g)) (256 random tokens at 18 bits: 5.6 dense
-  vs 10.6 grouped nats; 2048 tokens: 12.2 grouped). With ``group_bits >= bits`` there is one
-  group and the value is exact (and the memory is dense again). Memory is O(tokens * 2^group_bits).
-* Under torch.distributed the group averages are summed over ranks (weighted by token counts)
-  before the entropy, so the codebook entropy is that of the global batch.
+* Codebook entropy, exact (``codebook_entropy="exact"``, the default). Because a token's code
+  distribution is a product over bits, splitting the bits into two halves a and b (D_a = D // 2,
+  D_b = D - D_a) gives p(c_a, c_b | z_t) = A_t(c_a) B_t(c_b) with A_t, B_t the exact per-token
+  distributions over the 2^D_a and 2^D_b half-codes. The batch mean over all 2^D codes is then one
+  matrix product, P = A^T B / N ((2^D_a, 2^D_b); 512 x 512 at D = 18), and its entropy is the
+  exact H(mean_t p(.|z_t)) Open-MAGVIT2 computes from the dense (N, 2^D) tensor. Memory is
+  O(N * 2^(D/2) + 2^D) instead of O(N * 2^D): at D = 18 and 8 x 256 tokens, P holds 2^18 floats
+  (1 MiB) where the dense logits hold 2^29 (2 GiB, several copies in the backward pass).
+* Codebook entropy, sub-codebook bound (``codebook_entropy="subcodebook"``, lucidrains' choice;
+  this package's default before the exact form). Sub-codebooks of ``group_bits`` bits (the last
+  group takes the remainder): for each group the exact per-token distribution over its 2^g codes
+  is averaged over the batch, and the entropies of these averaged group marginals are summed. By
+  subadditivity of entropy this is an UPPER BOUND on the exact value, with equality when the
+  groups are independent under the batch mean; it rewards each sub-codebook being used uniformly
+  but cannot see correlations between groups. The gap grows when the batch has far fewer tokens
+  than codes: the exact value is at most about log(tokens) + the per-sample entropy, the grouped
+  one about n_groups * log(min(tokens, 2^g)) (256 random tokens at 18 bits: 5.6 exact vs 10.6
+  grouped nats; 2048 tokens: 12.2 grouped). With ``group_bits >= bits`` there is one group and
+  the value is exact (and the memory is dense again). Memory is O(tokens * 2^group_bits).
+* Under torch.distributed the per-rank sums (P, or the group sums) and token counts are summed
+  over ranks before the entropy, so the codebook entropy is that of the global batch.
 * Quantisation and both entropies run in fp32 even under autocast: the 1/T = 100 logits overflow
   fp16 and the entropy of near-one-hot distributions loses all precision in bf16.
 """
@@ -52,6 +60,9 @@ from torch import Tensor, nn
 
 # Indices are int64, so a code can have at most 63 bits.
 MAX_BITS = 63
+CODEBOOK_ENTROPY_KINDS = ("exact", "subcodebook")
+# The exact codebook entropy holds one float per code (2^24 floats = 64 MiB, per copy).
+EXACT_ENTROPY_MAX_BITS = 24
 
 
 class LFQOutput(NamedTuple):
@@ -192,39 +203,72 @@ def distributed_active() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
-def codebook_entropy(
-    z: Tensor,
-    temperature: float = 0.01,
-    group_bits: int = 9,
-    sync: bool = True,
-    group=None,
-) -> Tensor:
-    """Entropy of the batch-mean code distribution, summed over sub-codebooks of group_bits bits.
+def _sum_over_ranks(sums: list[Tensor], num_tokens: int, like: Tensor, sync: bool, group) -> tuple[list[Tensor], Tensor]:
+    """Per-rank sums (any shapes) and the token count -> their totals over ranks (one collective)."""
+    count = torch.tensor([float(num_tokens)], device=like.device, dtype=like.dtype)
+    flat = torch.cat([t.reshape(-1) for t in sums] + [count])
+    if sync and distributed_active():
+        flat = _AllReduceSum.apply(flat, group)
+    elif num_tokens == 0:
+        raise ValueError("codebook_entropy got no tokens")
+    parts = flat[:-1].split([t.numel() for t in sums])
+    return [p.view_as(t) for p, t in zip(parts, sums)], flat[-1]
 
-    z: (..., D); all leading axes are tokens. Returns a scalar (nats). Exact when
-    group_bits >= D, otherwise an upper bound (see the module docstring).
 
-    sync: when torch.distributed is active, sum the group distributions and token counts over
-    ranks (differentiably) so the entropy is that of the global batch. Every rank must then call
-    this, and backpropagate through it, in the same order, or the collectives hang.
+def exact_codebook_entropy(z: Tensor, temperature: float = 0.01, sync: bool = True, group=None) -> Tensor:
+    """Exact entropy of the batch-mean code distribution over all 2^D codes, without the dense tensor.
+
+    z: (..., D); all leading axes are tokens. Returns a scalar (nats). With the bits split into
+    halves a = channels [0, D_a), b = [D_a, D) (D_a = D // 2), every token's distribution is the
+    outer product of its half-code distributions A_t (2^D_a,) and B_t (2^D_b,), so
+        sum_t p(c_a, c_b | z_t) = (A^T B)[c_a, c_b],   A (N, 2^D_a), B (N, 2^D_b),
+    and the batch mean is that matrix over N. sync: under torch.distributed the (2^D_a, 2^D_b)
+    sum and N are all-reduced (differentiably), so the value is that of the global batch; every
+    rank must then call this, and backpropagate through it, in the same order.
+    """
+    bits = z.shape[-1]
+    _check_bits(bits)
+    if bits > EXACT_ENTROPY_MAX_BITS:
+        raise ValueError(f"the exact codebook entropy holds a 2^{bits} table; above "
+                         f"{EXACT_ENTROPY_MAX_BITS} bits use codebook_entropy='subcodebook' "
+                         f"(config tokenizer.loss.codebook_entropy)")
+    z_tokens = z.reshape(-1, bits)  # (N, D)
+    half = bits // 2
+    a = group_code_probabilities(z_tokens[:, :half], temperature)  # (N, 2^D_a)
+    b = group_code_probabilities(z_tokens[:, half:], temperature)  # (N, 2^D_b)
+    (joint,), total = _sum_over_ranks([a.T @ b], z_tokens.shape[0], z, sync, group)  # (2^D_a, 2^D_b)
+    return _entropy((joint / total).reshape(-1))
+
+
+def subcodebook_entropy(z: Tensor, temperature: float = 0.01, group_bits: int = 9, sync: bool = True,
+                        group=None) -> Tensor:
+    """Sum over sub-codebooks of group_bits bits of the entropy of each one's batch-mean distribution.
+
+    z: (..., D); all leading axes are tokens. Returns a scalar (nats): an upper bound on
+    `exact_codebook_entropy`, equal to it when group_bits >= D (see the module docstring).
+    sync: as in `exact_codebook_entropy` (group sums and token counts are summed over ranks).
     """
     bits = z.shape[-1]
     groups = bit_groups(bits, group_bits)
-    z_tokens = z.reshape(-1, bits)  # (T, D)
+    z_tokens = z.reshape(-1, bits)  # (N, D)
     # Sum (not mean) per rank, so ranks with different token counts are weighted correctly.
     sums = [
         group_code_probabilities(z_tokens[:, start : start + size], temperature).sum(dim=0)
         for start, size in groups
     ]  # each (2^g,)
-    count = torch.tensor([float(z_tokens.shape[0])], device=z.device, dtype=z.dtype)
-    flat = torch.cat(sums + [count])  # one collective for all groups and the count
-    if sync and distributed_active():
-        flat = _AllReduceSum.apply(flat, group)
-    elif z_tokens.shape[0] == 0:
-        raise ValueError("codebook_entropy got no tokens")
-    total = flat[-1]
-    mean_probs = (flat[:-1] / total).split([2**size for _, size in groups])
-    return torch.stack([_entropy(p) for p in mean_probs]).sum()
+    sums, total = _sum_over_ranks(sums, z_tokens.shape[0], z, sync, group)
+    return torch.stack([_entropy(s / total) for s in sums]).sum()
+
+
+def codebook_entropy(z: Tensor, temperature: float = 0.01, kind: str = "exact", group_bits: int = 9,
+                     sync: bool = True, group=None) -> Tensor:
+    """Entropy of the batch-mean code distribution: `kind` "exact" (default) or "subcodebook" (the
+    upper bound over sub-codebooks of `group_bits` bits). z: (..., D) -> scalar (nats)."""
+    if kind == "exact":
+        return exact_codebook_entropy(z, temperature, sync, group)
+    if kind == "subcodebook":
+        return subcodebook_entropy(z, temperature, group_bits, sync, group)
+    raise ValueError(f"codebook entropy kind {kind!r} is not one of {CODEBOOK_ENTROPY_KINDS}")
 
 
 # --------------------------------------------------------------------------- module
@@ -234,7 +278,8 @@ class LFQ(nn.Module):
     """Lookup-free quantiser with commitment and entropy losses (no parameters).
 
     bits: code dimension D (codebook 2^D). entropy_temperature: T of the 2 z.c / T logits.
-    group_bits: sub-codebook size for the codebook entropy (exact if >= bits).
+    codebook_entropy: "exact" (default) or "subcodebook" (the upper bound, see the module docstring).
+    group_bits: sub-codebook size of the "subcodebook" kind (exact if >= bits; unused by "exact").
     sync_entropy: all-reduce the codebook entropy over ranks; None (default) = only in training
     mode, so evaluation run on a single rank never waits on a collective.
     """
@@ -245,16 +290,23 @@ class LFQ(nn.Module):
         entropy_temperature: float = 0.01,
         group_bits: int = 9,
         sync_entropy: bool | None = None,
+        codebook_entropy: str = "exact",
     ):
         super().__init__()
         _check_bits(bits)
         if entropy_temperature <= 0:
             raise ValueError(f"entropy_temperature must be > 0, got {entropy_temperature}")
+        if codebook_entropy not in CODEBOOK_ENTROPY_KINDS:
+            raise ValueError(f"codebook_entropy {codebook_entropy!r} is not one of {CODEBOOK_ENTROPY_KINDS}")
+        if codebook_entropy == "exact" and bits > EXACT_ENTROPY_MAX_BITS:
+            raise ValueError(f"the exact codebook entropy holds a 2^{bits} table; above "
+                             f"{EXACT_ENTROPY_MAX_BITS} bits use codebook_entropy='subcodebook'")
         bit_groups(bits, group_bits)  # validates group_bits
         self.bits = bits
         self.entropy_temperature = float(entropy_temperature)
         self.group_bits = group_bits
         self.sync_entropy = sync_entropy
+        self.codebook_entropy = codebook_entropy
 
     @property
     def codebook_size(self) -> int:
@@ -263,7 +315,8 @@ class LFQ(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"bits={self.bits}, entropy_temperature={self.entropy_temperature}, "
-            f"group_bits={self.group_bits}, sync_entropy={self.sync_entropy}"
+            f"codebook_entropy={self.codebook_entropy}, group_bits={self.group_bits}, "
+            f"sync_entropy={self.sync_entropy}"
         )
 
     def forward(self, z: Tensor) -> LFQOutput:
@@ -281,7 +334,8 @@ class LFQ(nn.Module):
             # Reaches the encoder through z only: the codes themselves have no parameters.
             commitment = F.mse_loss(z, quantized.detach())
             sample_h = per_sample_entropy(z, self.entropy_temperature)
-            codebook_h = codebook_entropy(z, self.entropy_temperature, self.group_bits, sync=sync)
+            codebook_h = codebook_entropy(z, self.entropy_temperature, self.codebook_entropy,
+                                          self.group_bits, sync=sync)
         return LFQOutput(
             quantized=quantized,
             indices=indices,

@@ -2,11 +2,17 @@
 
 Per step (batch x, kept count K drawn by the merge-ratio sampler, Eq. 19/20):
   generator: recon (L2/L1) + perceptual (LPIPS) + commitment + LFQ entropy + source (Eq. 11)
-             + alignment (Eq. 12) + adversarial (hinge, from `gan_start`), one AdamW step
+             + alignment (Eq. 12) + adversarial (non-saturating or hinge, `gen_adv_loss`, from
+             `gan_start`), one AdamW step
   discriminator (from `gan_start`): hinge + LeCam, one AdamW step
   EMA of the tokenizer weights (and of the self-distillation teacher when `teacher: ema`)
 Alignment teachers (`tokenizer.loss.teacher`): dinov2 (frozen DINOv2-Base, the paper), ssl (frozen
 SimCLR CNN from `mergevq train-ssl-teacher`, the offline demo), ema (DINO self-distillation).
+Alignment views (`tokenizer.loss.align_student`, see `alignment_views`): separate (the authors')
+runs the student's own encoder pass on a strongly augmented view at `align_resolution` while the
+teacher sees a weakly augmented one; reconstruction reads the student feature from the
+reconstruction pass and gives the teacher a random-resized crop (cheaper; this package's earlier
+default).
 
 `mergevq train-tokenizer --config C --variant V --out DIR [--max-steps N] [--teacher SSL_MODEL_PT]`.
 """
@@ -16,6 +22,7 @@ import argparse
 import contextlib
 import dataclasses
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
@@ -27,7 +34,8 @@ from mergevq.data.datasets import to_unit_range
 from mergevq.data.merge_sampling import MergeRatioSampler
 from mergevq.losses import DINOv2Teacher, EMASelfDistillation, PerceptualLoss, ProjectionHead, alignment_loss
 from mergevq.tokenizer import MergeVQ, TokenizerConfig, build_tokenizer
-from mergevq.tokenizer.discriminator import LeCam, PatchGANDiscriminator, adaptive_generator_weight, hinge_d_loss, hinge_g_loss
+from mergevq.tokenizer.discriminator import (LeCam, PatchGANDiscriminator, adaptive_generator_weight,
+                                             generator_adversarial_loss, hinge_d_loss)
 from mergevq.tokenizer.lfq import codebook_usage
 from mergevq.train.distributed import DistEnv
 from mergevq.train.ema import ModelEMA
@@ -38,6 +46,7 @@ from mergevq.weights import require_weight
 
 
 ALIGN_FEATURES = ("cls", "tokens_mean")
+ALIGN_STUDENTS = ("separate", "reconstruction")
 
 
 def align_feature(encoded, kind: str) -> torch.Tensor:
@@ -63,7 +72,54 @@ class AlignBranch(nn.Module):
         self.encoder, self.head, self.feature = encoder, head, feature
 
     def forward(self, images: torch.Tensor, kept: int) -> torch.Tensor:
-        return self.head(align_feature(self.encoder(images, kept), self.feature))
+        # alignment views may have another size than the reconstruction (224 px of a 256-px model)
+        return self.head(align_feature(self.encoder(images, kept, any_resolution=True), self.feature))
+
+
+def view_kept(kept: int, num_tokens: int, view_tokens: int) -> int:
+    """K of an alignment view with view_tokens tokens: the reconstruction's merge ratio K / L kept,
+    round(K * L_view / L) in [1, L_view] (G+R at 224 px: 144 of 256 -> 110 of 196).
+
+    The authors' encoder instead repeats the reconstruction's per-layer merge counts, which leaves
+    L_view - (L - K) tokens (84 for G+R, 16 for G at K = 256) and has no solution for R
+    (220 merges of 196 tokens at K = 36).
+    """
+    return min(view_tokens, max(1, round(kept * view_tokens / num_tokens)))
+
+
+class AlignmentViews(NamedTuple):
+    student: torch.Tensor  # (B, 3, r, r) the student's view u of Eq. (12)
+    teacher: torch.Tensor  # (B, 3, r', r') the teacher's view v
+    kept: int  # K of the student's own encoder pass (separate), or the reconstruction's K
+
+
+def alignment_views(images: torch.Tensor, kept: int, num_tokens: int, factor: int, student: str,
+                    resolution: int | None, crop_scale, flip: bool) -> AlignmentViews:
+    """The two views of Eq. (12) from a batch (B, 3, H, W) in [-1, 1] and the student pass's K.
+
+    separate (the authors'): independent views, student = random-resized crop covering crop_scale
+      of the area (+ flip) at `resolution` px (strong), teacher = a random `resolution`-px crop
+      (weak; a translation, no resize); the student pass keeps K by `view_kept`.
+    reconstruction: the student reads the reconstruction pass (its view is the image itself, K
+      unchanged); the teacher sees a random-resized crop of 40-100% of the area.
+    Randomness from the global torch RNG (saved in checkpoints: exact resume).
+    """
+    H = images.shape[-1]
+    if student == "reconstruction":
+        return AlignmentViews(images, random_resized_crop(images, flip=flip), kept)
+    if student != "separate":
+        raise ValueError(f"tokenizer.loss.align_student {student!r} is not one of {ALIGN_STUDENTS}")
+    lo, hi = crop_scale
+    if not 0 < lo <= hi <= 1:
+        raise ValueError(f"tokenizer.loss.align_crop_scale {list(crop_scale)} is not an area range 0 < min <= max <= 1")
+    r = resolution or H
+    if r > H or r % factor:
+        raise ValueError(f"tokenizer.loss.align_resolution {r} must be at most data.resolution {H} and a "
+                         f"multiple of the encoder's downsampling factor {factor}")
+    area = (r / H) ** 2  # an r x r window of the H x H image
+    teacher = random_resized_crop(images, scale=(area, area), flip=False, size=r)
+    student_view = random_resized_crop(images, scale=tuple(crop_scale), flip=flip, size=r)
+    return AlignmentViews(student_view, teacher, view_kept(kept, num_tokens, (r // factor) ** 2))
 
 
 class Student(nn.Module):
@@ -73,26 +129,35 @@ class Student(nn.Module):
         super().__init__()
         self.tokenizer, self.align_head, self.align_on = tokenizer, align_head, align_on
 
-    def forward(self, images, kept, source_grad_to_encoder=True, source_loss_type="bce"):
+    def forward(self, images, kept, source_grad_to_encoder=True, source_loss_type="bce",
+                align_images=None, align_kept=None):
+        """The reconstruction pass, and the alignment logits: of a separate student encoder pass on
+        align_images at align_kept when given (one forward call, as DDP needs), else of the
+        reconstruction pass's encoder output."""
         out = self.tokenizer(images, kept, source_grad_to_encoder=source_grad_to_encoder,
                              source_loss_type=source_loss_type)
-        align = (self.align_head(align_feature(out.encoded, self.align_on))
-                 if self.align_head is not None else None)
+        align = None
+        if self.align_head is not None:
+            encoded = (out.encoded if align_images is None else
+                       self.tokenizer.encoder(align_images, align_kept, any_resolution=True))
+            align = self.align_head(align_feature(encoded, self.align_on))
         return out, align
 
 
 class TokenizerStage:
     """Stage-1 state and step for one variant; used by mergevq.train.loop.fit."""
 
-    def __init__(self, cfg: dict, variant: str, dist: DistEnv, teacher_path: str | None = None):
+    def __init__(self, cfg: dict, variant: str, dist: DistEnv, teacher_path: str | None = None,
+                 kept: int | None = None):
         self.cfg, self.name, self.dist = cfg, variant, dist
-        vc = variant_config(cfg, variant)
+        vc = variant_config(cfg, variant, kept)  # kept: trained for this K (Table 4's per-K protocol)
         self.vc, self.tr, self.ls = vc, vc["train"], vc["loss"]
         self.device = dist.device
         self.kept_target = vc["kept"]
         self.sampler = MergeRatioSampler.from_config(vc["merge_sampling"])
         self.tokenizer = build_tokenizer(vc["preset"], bits=vc["codebook_bits"], kept=vc["kept"],
                                          entropy_temperature=self.ls["entropy_temperature"],
+                                         codebook_entropy=self.ls["codebook_entropy"],
                                          entropy_group_bits=self.ls["entropy_group_bits"],
                                          **vc.get("model_overrides", {})).to(self.device)
         if self.tokenizer.num_tokens != vc["tokens"]:
@@ -121,7 +186,9 @@ class TokenizerStage:
                     from mergevq.train.ssl_teacher import SSLTeacher
 
                     self.teacher = SSLTeacher(teacher_path).to(self.device)
-                head = ProjectionHead(width, self.teacher.embed_dim, hidden_dim=2048, normalize=False)
+                # the authors' `dist_head: layer3`: d -> 4d -> 4d -> teacher width, no bottleneck
+                head = ProjectionHead(width, self.teacher.embed_dim, hidden_dim=4 * width, bottleneck_dim=None,
+                                      normalize=False)
             else:
                 head = ProjectionHead(width, 256, hidden_dim=max(256, 2 * width), bottleneck_dim=64)
         align_on = self.ls.get("align_feature", "cls")
@@ -163,8 +230,16 @@ class TokenizerStage:
         ls = self.ls
         gan_on = self.use_gan and step >= ls["gan_start"]
         self.student.train()
+        views = None
+        if self.student.align_head is not None:
+            views = alignment_views(images, kept, self.tokenizer.num_tokens, self.tokenizer.encoder.stem.factor,
+                                    ls["align_student"], ls["align_resolution"], ls["align_crop_scale"],
+                                    flip=self.cfg["data"]["dataset"] != "digits")
+        separate = views is not None and ls["align_student"] == "separate"
         with torch.autocast(**self.autocast) if self.autocast else contextlib.nullcontext():
-            out, align_logits = self.train_module(images, kept, ls["source_grad_to_encoder"], ls["source_type"])
+            out, align_logits = self.train_module(images, kept, ls["source_grad_to_encoder"], ls["source_type"],
+                                                  views.student if separate else None,
+                                                  views.kept if separate else None)
             recon = out.reconstruction.float()
             rec = (recon - images).pow(2).mean() if ls["recon_type"] == "l2" else (recon - images).abs().mean()
             terms = {"recon": rec, "commitment": out.quant.commitment_loss, "entropy": out.quant.entropy_loss,
@@ -175,14 +250,15 @@ class TokenizerStage:
                 terms["perceptual"] = self.perceptual(recon, images)
                 total = total + ls["perceptual"] * terms["perceptual"]
             if align_logits is not None:
-                view = random_resized_crop(images, flip=self.cfg["data"]["dataset"] != "digits")
                 if self.teacher is not None:
-                    terms["align"] = alignment_loss(align_logits.float(), self.teacher(view), ls["align_temperature"])
+                    terms["align"] = alignment_loss(align_logits.float(), self.teacher(views.teacher),
+                                                    ls["align_temperature"])
                 else:
-                    terms["align"] = self.distill.loss(align_logits.float(), self.distill.teacher_forward(view, kept))
+                    terms["align"] = self.distill.loss(align_logits.float(),
+                                                       self.distill.teacher_forward(views.teacher, views.kept))
                 total = total + ls["align"] * terms["align"]
             if gan_on:
-                g_adv = hinge_g_loss(self.disc(recon))
+                g_adv = generator_adversarial_loss(self.disc(recon), ls["gen_adv_loss"])
                 weight = ls["gan"]
                 if ls["adaptive_gan"]:
                     weight = weight * adaptive_generator_weight(
@@ -276,7 +352,8 @@ class TokenizerStage:
         return {"variant": self.name, "preset": self.vc["preset"],
                 "tokenizer_config": dataclasses.asdict(self.tokenizer.config),
                 "ema": self.ema.module.state_dict(), "model": self.tokenizer.state_dict(),
-                "kept": self.kept_target, "tokens": self.vc["tokens"]}
+                "kept": self.kept_target, "tokens": self.vc["tokens"],
+                "trained_for_kept": self.vc["trained_for_kept"]}
 
 
 def _unwrap(module: nn.Module) -> nn.Module:
@@ -288,6 +365,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", required=True, help="resolved or source YAML config")
     parser.add_argument("--variant", required=True, choices=["G", "G+R", "R"])
     parser.add_argument("--out", required=True, help="output directory (last.ckpt, model.pt, metrics.csv, ...)")
+    parser.add_argument("--kept", type=int, default=None,
+                        help="train for this kept count K: target K and the merge-ratio sampler moved to sit "
+                             "around it (Table 4's per-K protocol; default: the variant's own target)")
     parser.add_argument("--max-steps", type=int, default=None,
                         help="stop after this many steps (schedules still span the config's `steps`)")
     parser.add_argument("--teacher", default=None,
@@ -297,10 +377,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.set)
-    vc = variant_config(cfg, args.variant)
+    vc = variant_config(cfg, args.variant, args.kept)
     dist = DistEnv.from_env()
     torch.manual_seed(cfg["seed"])  # model initialisation is identical on every rank
-    stage = TokenizerStage(cfg, args.variant, dist, teacher_path=args.teacher)
+    stage = TokenizerStage(cfg, args.variant, dist, teacher_path=args.teacher, kept=args.kept)
     tr = vc["train"]
     loop = LoopConfig(total_steps=vc["steps"], batch_size=tr["batch_size"], seed=cfg["seed"],
                       log_every=tr["log_every"], val_every=tr["val_every"], ckpt_every=tr["ckpt_every"],
