@@ -197,7 +197,7 @@ def test_fid_against_stored_statistics_and_cache(tmp_path, toy_weights):
         fd.fid_is(random_images(20, 2, size=16), tmp_path / "ours.npz", **kw)
 
 
-def test_png_folders_and_cli(tmp_path, toy_weights):
+def test_png_folders_and_cli(tmp_path, toy_weights, capsys):
     a, b = random_images(30, 0, size=8), random_images(25, 1, size=8, high=128)
     dir_a, dir_b = write_pngs(tmp_path / "a", a), write_pngs(tmp_path / "b" / "class0", b).parent
     from_tensors = fd.fid_is(a, b, extractor=TOY, weights_path=toy_weights)
@@ -213,7 +213,15 @@ def test_png_folders_and_cli(tmp_path, toy_weights):
     assert fd.run(args) == 0
     assert json.loads(out.read_text())["fid"] == pytest.approx(from_tensors["fid"], rel=1e-9)
     Image.fromarray(a[0].permute(1, 2, 0).numpy()).save(dir_b / "x.jpg")
-    assert fd.run(parser.parse_args([str(dir_a), str(dir_b), "--extractor", TOY, "--weights", str(toy_weights)])) == 2
+    with pytest.raises(fd.FidelityError, match="JPEG compression shifts FID"):
+        fd.run(parser.parse_args([str(dir_a), str(dir_b), "--extractor", TOY, "--weights", str(toy_weights)]))
+    # through the command line: one line naming the file, exit 1
+    from mergevq.cli import main
+
+    capsys.readouterr()
+    assert main(["fid", str(dir_a), str(dir_b), "--extractor", TOY, "--weights", str(toy_weights)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("mergevq fid: error: ") and "x.jpg" in err[0]
 
 
 def test_clear_errors(tmp_path, toy_weights, demo_weights):
@@ -442,3 +450,118 @@ def test_bootstrap_intervals_cover_the_mean_and_pairing_cancels_shared_difficult
         paired_bootstrap(a, b[:-1])
     with pytest.raises(ValueError, match="non-empty"):
         bootstrap_interval([])
+
+
+# ---------------------------------------------------------------------------------------------
+# rFID interval (bootstrap_fid) and streaming evaluation (mergevq evaluate)
+# ---------------------------------------------------------------------------------------------
+def test_fid_interval_brackets_the_estimate_and_resamples_match_torch_fidelity():
+    from mergevq.eval import bootstrap as bs
+
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(300, 8, generator=g)
+    b = a + 0.5 * torch.randn(300, 8, generator=g) + 0.2  # paired "reconstructions"
+    r = bs.bootstrap_fid(b, a, 300, seed=0, device="cpu")
+    value = fd.frechet_distance(fd.statistics_from_features(b), fd.statistics_from_features(a))
+    assert r.value == value and r.method == bs.FID_INTERVAL_METHOD and (r.level, r.resamples) == (0.95, 300)
+    assert r.low < r.value < r.high
+    # resampling with replacement inflates FID: the percentile interval would sit above the estimate
+    assert r.resample_mean > r.value
+    # [estimate - (q97.5 - m), estimate + (m - q2.5)]: draws 0..100 have m = 50, q = 2.5 and 97.5
+    assert bs.expected_value_interval(40.0, np.arange(101.0)) == pytest.approx((-7.5, 87.5))
+    # one resample, by multiplicity weights in torch, equals torch-fidelity on the materialised resample
+    idx = torch.from_numpy(np.random.default_rng(7).integers(0, 300, 300))
+    w = torch.bincount(idx, minlength=300).double()
+    ours = bs._frechet(*bs._weighted_statistics(a.double(), w), *bs._weighted_statistics(b.double(), w))
+    ref = fd.frechet_distance(fd.statistics_from_features(a[idx]), fd.statistics_from_features(b[idx]))
+    assert ours == pytest.approx(ref, rel=1e-9)
+    # a fixed reference (stored statistics, gFID): only the features are resampled
+    fixed = bs.bootstrap_fid(b, fd.statistics_from_features(a), 100, seed=0, device="cpu")
+    assert fixed.value == value and fixed.low < fixed.value < fixed.high
+    assert bs.bootstrap_fid(b, a, 300, seed=0, device="cpu") == r  # seeded
+    none = bs.bootstrap_fid(b, a, 0, seed=0, device="cpu")
+    assert none.value == value and math.isnan(none.low) and math.isnan(none.high)
+    assert set(r.as_dict()) == {"value", "ci_low", "ci_high", "ci_method", "ci_level", "resamples", "resample_mean"}
+    with pytest.raises(fd.FidelityError, match="same shape"):
+        bs.bootstrap_fid(b[:-1], a, 10, seed=0)
+
+
+def test_feature_accumulator_equals_extract_features(demo_weights):
+    images = colour_images(23, 3)
+    layers = ["8", "logits_unbiased"]
+    whole = fd.extract_features(images, extractor="demo-classifier", weights_path=demo_weights, layers=layers,
+                                batch_size=64)
+    acc = fd.FeatureAccumulator(fd.create_extractor("demo-classifier", demo_weights, layers))
+    for i in range(0, 23, 5):
+        acc.add(images[i:i + 5])
+    streamed = acc.features()
+    for name in layers:
+        torch.testing.assert_close(streamed[name], whole[name], rtol=1e-5, atol=1e-6)
+    with pytest.raises(fd.FidelityError, match="expected uint8"):
+        acc.add(images.float())
+
+
+def test_streaming_evaluation_equals_in_memory(tmp_path, demo_weights, monkeypatch):
+    """`mergevq evaluate` streams batches of 7 through 1 DataLoader worker; the same numbers come
+    from all 24 images reconstructed, featurised and scored at once."""
+    import dataclasses
+
+    from mergevq.config import REPO_ROOT, load_config
+    from mergevq.data.datasets import digits_arrays, to_uint8
+    from mergevq.eval import tokenizer_eval as te
+    from mergevq.eval.bootstrap import FID_INTERVAL_METHOD
+    from mergevq.tokenizer import build_tokenizer
+    from mergevq.tokenizer.lfq import codebook_usage
+    from mergevq.tokenizer.recovery import canonical_source
+
+    torch.manual_seed(0)
+    tiny = dict(ch=8, num_res_blocks=1, dim=16, depth=2, heads=2, dec_ch=8, dec_num_res_blocks=1, dec_dim=16,
+                dec_depth=1, dec_heads=2, rec_dim=16, rec_heads=2, rec_ffn=32)
+    model = build_tokenizer("G+R-demo", **tiny).eval()
+    path = tmp_path / "model.pt"
+    torch.save({"variant": "G+R", "tokenizer_config": dataclasses.asdict(model.config), "ema": model.state_dict(),
+                "model": model.state_dict(), "kept": 36, "step": 0}, path)
+    cfg = load_config(REPO_ROOT / "config" / "demo.yaml", [
+        "eval.fid.num_images=24", "eval.fid.batch_size=7", "eval.fid.bootstrap_resamples=50", "data.num_workers=1"])
+    monkeypatch.setattr(te, "POSITION_BASELINE_IMAGES", 16)
+    kept = 25
+
+    reference = te.reference_features(cfg, demo_weights, progress=False)
+    result = te.evaluate_tokenizer(cfg, path, kept, reference, demo_weights, device="cpu", progress=False)
+
+    images, labels = digits_arrays(32, cfg["data"]["val_fraction"], cfg["seed"], "val")
+    images, labels = images[:24], labels[:24]
+    x = images.float() / 127.5 - 1
+    with torch.no_grad():
+        out = model(x, kept)
+        rec = {"gt": out.reconstruction.float().clamp(-1, 1),
+               "pred": model.decode(out.quant.quantized, canonical_source(out.source_logits)).float().clamp(-1, 1)}
+    layers = ["8", "logits_unbiased"]
+    orig = fd.extract_features(images, extractor="demo-classifier", weights_path=demo_weights, layers=layers)
+    torch.testing.assert_close(reference["features"]["8"], orig["8"], rtol=1e-5, atol=1e-6)
+    assert torch.equal(reference["labels"], labels) and reference["num_images"] == 24
+    for tag in ("gt", "pred"):
+        feats = fd.extract_features(to_uint8(rec[tag]), extractor="demo-classifier", weights_path=demo_weights,
+                                    layers=layers)
+        fid = fd.frechet_distance(fd.statistics_from_features(feats["8"]), fd.statistics_from_features(orig["8"]))
+        assert result[f"rfid_{tag}"]["value"] == pytest.approx(fid, rel=1e-4)
+        assert result[f"psnr_{tag}"] == pytest.approx(psnr(rec[tag], x).mean().item(), rel=1e-5)
+        assert result[f"ssim_{tag}"] == pytest.approx(ssim(rec[tag], x).mean().item(), rel=1e-5)
+        top1 = (feats["logits_unbiased"].argmax(-1) == labels).float().mean().item()
+        assert result[f"classifier_top1_recon_{tag}"] == pytest.approx(top1)
+        cell = result[f"rfid_{tag}"]
+        assert cell["ci_method"] == FID_INTERVAL_METHOD == result["fid_protocol"]["bootstrap"]["method"]
+        assert cell["ci_low"] <= cell["value"] <= cell["ci_high"] and cell["resamples"] == 50
+    owners = out.encoded.source.argmax(1)
+    canonical = canonical_source(out.source_logits).argmax(1)
+    assert result["source_accuracy"] == pytest.approx((canonical == owners).float().mean().item())
+    assert result["source_accuracy_argmax"] == pytest.approx((out.source_logits.argmax(-1) == owners).float().mean().item())
+    assert result["codebook_usage"] == pytest.approx(codebook_usage(out.quant.indices, model.config.bits).usage)
+    assert result["tokens_per_image"] == kept and result["num_images"] == 24
+    # the trainer's in-memory helpers see the same images
+    held, held_labels = te.evaluation_images(cfg, "val", 24)
+    assert torch.equal(held, images) and torch.equal(held_labels, labels)
+    # a reference made from other images is refused
+    with pytest.raises(ValueError, match="rerun `mergevq reference-features`"):
+        te.evaluate_tokenizer(cfg, path, kept, {**reference, "num_images": 23}, demo_weights, device="cpu",
+                              progress=False)

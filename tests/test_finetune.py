@@ -15,8 +15,8 @@ from mergevq.tokenizer import build_tokenizer
 TINY = dict(ch=8, num_res_blocks=1, dim=16, depth=2, heads=2, dec_ch=8, dec_num_res_blocks=1, dec_dim=16,
             dec_depth=1, dec_heads=2, rec_dim=16, rec_heads=2, rec_ffn=32)
 PROBE_KEYS = {"variant", "kept", "encoder", "features", "top1", "top1_ci", "train_top1", "epochs", "steps",
-              "batch_size", "lr", "num_train", "num_val", "val_correct"}
-FINETUNE_KEYS = {"variant", "kept", "top1", "epochs", "num_train", "num_val"}
+              "batch_size", "lr", "train_augment", "num_train", "num_val", "val_correct"}
+FINETUNE_KEYS = {"variant", "kept", "top1", "epochs", "num_train", "num_val", "lr", "layer_decay"}
 
 
 @pytest.fixture(autouse=True)
@@ -207,3 +207,96 @@ def test_finetune_imagefolder_timm_augmentation(tmp_path, repo_root):
     assert image.min() >= -1 - 1e-6 and image.max() <= 1 + 1e-6  # normalised to [-1, 1]
     out = finetune.finetune_encoder(tiny_tokenizer(), cfg, kept=36, seed=0, device="cpu", progress=False)
     assert (out["num_train"], out["num_val"]) == (8, 4) and 0.0 <= out["top1"] <= 1.0
+
+
+@pytest.mark.parametrize("preset", ["G+R-demo", "R-demo"])
+def test_layer_decay_groups_follow_simmim(preset):
+    """lr scale decay ** (num_layers + 1 - layer_id): everything before block 0 (cls token,
+    positional embedding, CNN stages or patch embedding, linear embedding) is layer 0, block i is
+    i + 1, the final norm and the head num_layers + 1; every parameter sits in exactly one group."""
+    torch.manual_seed(0)
+    model = build_tokenizer(preset, **TINY)
+    classifier = finetune.EncoderClassifier(model.encoder, num_classes=10, kept=16)
+    depth, decay, lr = len(model.encoder.blocks), 0.65, 2e-3
+    groups = finetune.parameter_groups(classifier, weight_decay=0.05, lr=lr, layer_decay=decay)
+    owner = {id(p): g for g in groups for p in g["params"]}
+    assert len(owner) == sum(len(g["params"]) for g in groups) == len(list(classifier.parameters()))
+    expected_id = {"encoder.cls_token": 0, "encoder.pos_embed": 0, "encoder.stem": 0, "encoder.embed": 0,
+                   "encoder.blocks.0": 1, f"encoder.blocks.{depth - 1}": depth, "encoder.norm": depth + 1,
+                   "fc_norm": depth + 1, "head": depth + 1}
+    seen = set()
+    for name, p in classifier.named_parameters():
+        group = owner[id(p)]
+        assert group["lr_scale"] == pytest.approx(decay ** (depth + 1 - group["layer_id"]))
+        assert group["lr"] == pytest.approx(lr * group["lr_scale"])
+        assert group["weight_decay"] == (0.0 if p.ndim <= 1 or name.endswith(("cls_token", "pos_embed")) else 0.05)
+        for prefix, lid in expected_id.items():
+            if name == prefix or name.startswith(prefix + "."):
+                assert group["layer_id"] == lid, name
+                seen.add(prefix)
+    present = {prefix for prefix in expected_id for name, _ in classifier.named_parameters()
+               if name == prefix or name.startswith(prefix + ".")}
+    assert seen == present and {"encoder.stem", "encoder.blocks.0", "head"} <= seen
+    assert {g["layer_id"] for g in groups} == set(range(depth + 2))
+    flat = finetune.parameter_groups(classifier, weight_decay=0.05, lr=lr, layer_decay=1.0)
+    assert all(g["lr"] == lr for g in flat)
+
+
+def test_finetune_lr_is_batch_scaled(demo_config, repo_root):
+    paper = load_config(repo_root / "config" / "config.yaml")["eval"]["finetune"]
+    assert finetune.peak_lr(paper) == pytest.approx(1.25e-3 * 1024 / 512)  # SimMIM ViT-B at batch 1024
+    assert paper["layer_decay"] == 0.65
+    demo = load_config(demo_config)["eval"]["finetune"]
+    assert finetune.peak_lr(demo) == pytest.approx(1.5e-3) and demo["layer_decay"] == 1.0  # the demo's tuned lr
+    cfg = load_config(demo_config, ["eval.finetune.epochs=1", "eval.finetune.batch_size=16",
+                                    "eval.finetune.base_batch_size=32", "eval.finetune.layer_decay=0.5"])
+    train, val = subsets(cfg, 16, 8)
+    out = finetune.finetune_encoder(tiny_tokenizer(), cfg, kept=36, seed=0, device="cpu", train_set=train,
+                                    val_set=val, progress=False)
+    assert out["lr"] == pytest.approx(1.5e-3 * 16 / 32) and out["layer_decay"] == 0.5
+
+
+def _tiny_imagefolder(root, per_class=(("train", 6), ("val", 2)), size=(40, 48)):
+    from PIL import Image
+
+    gen = torch.Generator().manual_seed(0)
+    for split, n in per_class:
+        for cls in ("a", "b"):
+            (root / split / cls).mkdir(parents=True)
+            for i in range(n):
+                pixels = torch.randint(0, 256, (*size, 3), generator=gen, dtype=torch.uint8).numpy()
+                Image.fromarray(pixels).save(root / split / cls / f"{i}.png")
+
+
+def test_probe_train_augmentation_on_imagefolder(tmp_path, repo_root, monkeypatch):
+    """train_augment: MAE's random-resized crop + flip, a new view through the frozen encoder every
+    epoch; validation and train_top1 on the centre crops."""
+    _tiny_imagefolder(tmp_path / "data")
+    model = tiny_tokenizer()
+    monkeypatch.setattr(probe_cli, "random_init_tokenizer", lambda cfg, variant, seed: model)
+    overrides = [f"data.root={tmp_path / 'data'}", "data.resolution=32", "data.num_classes=2", "data.num_workers=0",
+                 "eval.linear_probe.epochs=2", "eval.linear_probe.batch_size=4", "eval.linear_probe.train_augment=true"]
+    cfg = load_config(repo_root / "config" / "config.yaml", overrides)
+    views = probe_cli.augmented_train_set(cfg)
+    first = views[0][0]
+    assert first.shape == (3, 32, 32) and first.min() >= -1 - 1e-6 and first.max() <= 1 + 1e-6
+    assert not torch.equal(first, views[0][0])  # a new random crop each time it is read
+    calls = []
+    encode = model.encode
+    monkeypatch.setattr(model, "encode", lambda images, kept: calls.append(len(images)) or encode(images, kept))
+    out = tmp_path / "probe.json"
+    rc = _run(probe_cli, ["--config", str(repo_root / "config" / "config.yaml"), "--random-init", "G+R",
+                          "--kept", "25", "--out", str(out), "--device", "cpu", "--set", *overrides])
+    metrics = json.loads(out.read_text())
+    assert rc == 0 and set(metrics) == PROBE_KEYS and metrics["train_augment"] is True
+    # 12 train + 4 val centre crops once, then 2 epochs x 3 batches of 4 augmented views
+    assert sum(calls) == 12 + 4 + 2 * 12 and metrics["steps"] == 6
+    assert 0.0 <= metrics["train_top1"] <= 1.0
+
+
+def test_probe_train_augmentation_refused_on_digits(demo_config):
+    from mergevq.config import ConfigError
+
+    cfg = load_config(demo_config, ["eval.linear_probe.train_augment=true"])
+    with pytest.raises(ConfigError, match="flipped or cropped digit"):
+        probe_cli.augmented_train_set(cfg)

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from mergevq.config import load_config
+from mergevq.eval.bootstrap import FID_INTERVAL_DESCRIPTION, FID_INTERVAL_METHOD
 from mergevq.files import write_json
 from mergevq.report import figures, tables
 
@@ -22,20 +23,23 @@ def cfg():
 
 def sweep_record(variant: str, kept: int, tokens: int, num_images: int = 360) -> dict:
     rfid = 10.0 + 100.0 / kept
+    interval = {"ci_method": FID_INTERVAL_METHOD, "ci_level": 0.95, "resamples": 2000, "resample_mean": rfid + 0.5}
     return {
         "variant": variant, "kept": kept, "tokens": tokens, "num_images": num_images,
         "tokenizer_sha256": f"sha-{variant}", "config_hash": "abc",
         "psnr_gt": 20.0 + kept / 10, "psnr_pred": 19.0 + kept / 10, "ssim_gt": 0.8, "ssim_pred": 0.7,
         "lpips_gt": None, "lpips_pred": None,
-        "rfid_gt": {"value": rfid, "ci_low": rfid - 1, "ci_high": rfid + 1},
-        "rfid_pred": {"value": rfid + 2, "ci_low": rfid + 1, "ci_high": rfid + 3},
+        "rfid_gt": {"value": rfid, "ci_low": rfid - 1, "ci_high": rfid + 1, **interval},
+        "rfid_pred": {"value": rfid + 2, "ci_low": rfid + 1, "ci_high": rfid + 3, **interval},
         "fid_protocol": {"extractor": "demo-classifier", "weights_sha256": "w", "num_images": num_images,
                          "resolution": [32, 32], "image_format": "uint8", "reference": "val",
+                         "bootstrap": {"method": FID_INTERVAL_METHOD, "description": FID_INTERVAL_DESCRIPTION,
+                                       "resamples": 2000, "level": 0.95},
                          "smoke": num_images < 2048},
         "source_accuracy": 0.9, "source_accuracy_chance": 1 / kept, "source_accuracy_position_baseline": 0.5,
         "codebook_usage": 0.42, "codebook_perplexity": 300.0,
         "classifier_top1_original": 0.99, "classifier_top1_recon_gt": 0.9, "classifier_top1_recon_pred": 0.85,
-        "encoder_gmacs": 0.01 * kept, "decoder_gmacs": 0.05, "sampling_steps": kept,
+        "encoder_gmacs": 0.01 * kept, "decoder_gmacs": 0.05, "tokens_per_image": kept,
     }
 
 
@@ -65,7 +69,8 @@ def metric_files(cfg, tmp_path_factory):
     write_json(p, probe_record(None, None, 0.5, "raw_pixels"))
     files["probe"].append(p)
     p = root / "finetune" / "G+R" / "metrics.json"
-    write_json(p, {"variant": "G+R", "kept": 36, "top1": 0.95, "epochs": 5, "num_train": 1437, "num_val": 360})
+    write_json(p, {"variant": "G+R", "kept": 36, "top1": 0.95, "epochs": 5, "num_train": 1437, "num_val": 360,
+                   "lr": 1.5e-3, "layer_decay": 1.0})
     files["finetune"].append(p)
     return files
 
@@ -91,6 +96,7 @@ def test_table1_paper_values_and_baselines(cfg, metric_files):
     assert pd.isna(rows.loc["MergeVQ (R)", "finetune_top1"])  # missing fine-tune file: empty cell
     assert rows.loc["raw pixels", "linear_top1"] == pytest.approx(50.0)
     assert rows.loc["MergeVQ (G) encoder, random init", "linear_top1"] == pytest.approx(30.0)
+    assert any("peak lr 0.0015 (base lr x batch / base batch), layer-wise lr decay 1" in n for n in notes)
 
 
 def test_table2_matches_paper_at_equivalent_k(cfg, metric_files):
@@ -112,14 +118,15 @@ def test_table4_sweep_paper_k_and_missing_probe(cfg, metric_files, tmp_path):
     assert gr.loc[36, "paper_k"] == 144 and gr.loc[36, "paper_rfid"] == 3.07 and gr.loc[36, "paper_steps"] == 36
     assert gr.loc[36, "linear_top1"] == pytest.approx(80.0)
     assert pd.isna(gr.loc[49, "linear_top1"])  # no probe at this K: empty, not a crash
-    assert gr.loc[49, "sampling_steps"] == 49
+    assert gr.loc[49, "tokens_per_image"] == 49 and "sampling_steps" not in df.columns
     assert gr.loc[49, "gmacs"] == pytest.approx(0.49 + 0.05)
     r = df[df["variant"] == "R"].set_index("tokens")
     assert r.loc[9, "paper_linear_top1"] == 54.3 and pd.isna(r.loc[9, "paper_rfid"])
     g = df[df["variant"] == "G"].set_index("tokens")
     assert g.loc[64, "paper_rfid"] == 1.41 and pd.isna(g.loc[196, "paper_rfid"])  # 784: not in the paper
     assert list(g.index) == sorted(g.index, reverse=True)
-    assert any("equals K" in n for n in notes)
+    assert any("tokens_per_image" in n and "K in every row" in n and "'#Step'" in n for n in notes)
+    assert any(f"{FID_INTERVAL_METHOD} ({FID_INTERVAL_DESCRIPTION}), 95% level, 2000 resamples" in n for n in notes)
 
     md = tables.write_table(df, notes, tmp_path / "tables" / "table4.csv", tables.TITLES["table4"])
     text = md.read_text()

@@ -72,14 +72,12 @@ class ImageFolderDataset(Dataset):
         if not classes:
             raise DatasetError(f"no class folders under {self.root}")
         self.classes = classes
-        self.samples = [
-            (path, label)
-            for label, cls in enumerate(classes)
-            for path in sorted((self.root / cls).iterdir())
-            if path.suffix.lower() in self.EXTENSIONS
-        ]
-        if not self.samples:
-            raise DatasetError(f"no images under {self.root}")
+        self.samples = []
+        for label, cls in enumerate(classes):
+            images = [p for p in sorted((self.root / cls).iterdir()) if p.suffix.lower() in self.EXTENSIONS]
+            if not images:  # an empty class would shift no label but leave a class never seen
+                raise DatasetError(f"class folder {self.root / cls} holds no images ({', '.join(self.EXTENSIONS)})")
+            self.samples += [(path, label) for path in images]
         resize = [T.Resize(resolution, antialias=True)]
         if train_transform:
             crop = [T.RandomCrop(resolution), T.RandomHorizontalFlip()]
@@ -115,7 +113,16 @@ def build_dataset(cfg: dict, split: str, transform: str = "eval") -> Dataset:
     data = cfg["data"]
     if data["dataset"] == "digits":
         images, labels = digits_arrays(data["resolution"], data["val_fraction"], cfg["seed"], split)
+        if "num_classes" in data and int(labels.max()) >= data["num_classes"]:
+            raise DatasetError(f"data.num_classes is {data['num_classes']} but the digits have 10 classes "
+                               "(labels out of range)")
         return TensorDataset(to_unit_range(images), labels)
     if data["dataset"] == "imagefolder":
-        return ImageFolderDataset(data["root"], split, data["resolution"], train_transform=(transform == "train"))
+        ds = ImageFolderDataset(data["root"], split, data["resolution"], train_transform=(transform == "train"))
+        # Labels are indices into the sorted class folders of each split: a class count that is not
+        # data.num_classes means labels out of the heads' range, or train and val numbering classes differently.
+        if "num_classes" in data and len(ds.classes) != data["num_classes"]:
+            raise DatasetError(f"{ds.root} has {len(ds.classes)} class folders but data.num_classes is "
+                               f"{data['num_classes']} (labels would be out of range or differ between splits)")
+        return ds
     raise DatasetError(f"data.dataset: unknown dataset {data['dataset']!r}")

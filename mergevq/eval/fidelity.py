@@ -286,6 +286,43 @@ def extract_features(
     return _extract(dataset, _create_extractor(extractor, weights_path, layers, verbose), batch_size, verbose)
 
 
+def create_extractor(extractor: str, weights_path: str | os.PathLike, layers: list[str]):
+    """torch-fidelity's feature extractor (on the GPU when available) for FeatureAccumulator."""
+    return _create_extractor(extractor, require_weights(extractor, weights_path), layers, False)
+
+
+class FeatureAccumulator:
+    """Features of images that arrive batch by batch (streaming evaluation), equal to
+    ``extract_features`` of their concatenation: the same torch-fidelity extractor, called per
+    batch as ``get_featuresdict_from_dataset`` calls it. Holds only the features (N, D) float32.
+
+    feat_extractor: from ``create_extractor``; several accumulators may share one.
+    """
+
+    def __init__(self, feat_extractor):
+        self.feat_extractor = feat_extractor
+        self.cuda = torch.cuda.is_available()
+        self._parts: dict[str, list[torch.Tensor]] = {}
+
+    @torch.no_grad()
+    def add(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        """images uint8 (B, 3, H, W) on any device -> this batch's {name: (B, D)} on the CPU (also kept)."""
+        images = check_uint8_images(images)
+        if self.cuda:
+            images = images.cuda(non_blocking=True)
+        feats = self.feat_extractor.convert_features_tuple_to_dict(self.feat_extractor(images))
+        out = {k: v.cpu() for k, v in feats.items()}
+        for k, v in out.items():
+            self._parts.setdefault(k, []).append(v)
+        return out
+
+    def features(self) -> dict[str, torch.Tensor]:
+        """{name: (N, D)} of every image added so far, in order."""
+        if not self._parts:
+            raise FidelityError("FeatureAccumulator: no images were added")
+        return {k: torch.cat(v) for k, v in self._parts.items()}
+
+
 # ---------------------------------------------------------------------------------------------
 # FID statistics (mu, sigma), stored as .npz
 # ---------------------------------------------------------------------------------------------
@@ -517,19 +554,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> int:
-    import sys
-
     from mergevq.files import write_json
 
     weights = args.weights
     if weights is None and args.extractor == INCEPTION_EXTRACTOR:
         weights = _default_inception_weights()
-    try:
-        result = fid_is(args.path_a, args.path_b, extractor=args.extractor, weights_path=weights,
-                        batch_size=args.batch_size, isc=not args.no_isc, verbose=True)
-    except FidelityError as exc:
-        print(f"mergevq fid: error: {exc}", file=sys.stderr)
-        return 2
+    # a FidelityError (refused input) reaches mergevq.cli, which prints it as one line (exit 1)
+    result = fid_is(args.path_a, args.path_b, extractor=args.extractor, weights_path=weights,
+                    batch_size=args.batch_size, isc=not args.no_isc, verbose=True)
     print(json.dumps(result, indent=2, sort_keys=True))
     if args.json:
         write_json(args.json, result)

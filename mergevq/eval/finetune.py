@@ -7,10 +7,24 @@ mean-pooling head (``fc_norm`` then ``head``); it has no BatchNorm, so a fine-tu
 normalised by its own statistics. The mean is unweighted over the K merged tokens (each merged
 token counts once, whatever its size). The code projection to the LFQ channels is not used.
 
-Every parameter of the encoder and the head is trained (no layer-wise lr decay), from the
-tokenizer's EMA weights, with AdamW and a per-step cosine schedule after a linear warm-up over the
-first fifth of the epochs (SimMIM ViT-B: 20 of 100). ``epochs``, ``lr``, ``batch_size``,
-``weight_decay``, ``randaugment``, ``mixup`` and ``cutmix`` come from ``cfg['eval']['finetune']``.
+Every parameter of the encoder and the head is trained, from the tokenizer's EMA weights, with
+AdamW and a per-step cosine schedule after a linear warm-up over the first fifth of the epochs
+(SimMIM ViT-B: 20 of 100). ``epochs``, ``base_lr``, ``base_batch_size``, ``layer_decay``,
+``batch_size``, ``weight_decay``, ``randaugment``, ``mixup`` and ``cutmix`` come from
+``cfg['eval']['finetune']``.
+
+Learning rate (SimMIM's ``main_finetune.py`` / ``optimizer.py``): the peak rate is linearly scaled
+with the batch, ``lr = base_lr * batch_size / base_batch_size`` (SimMIM: base_lr 1.25e-3 per 512
+images, so 2.5e-3 at the paper's batch 1024; MAE writes the same rule per 256), and each parameter
+gets ``lr * layer_decay ** (num_layers + 1 - layer_id)`` (SimMIM / MAE ViT-B: 0.65), with
+``num_layers`` the attention blocks and layer ids (``layer_id``):
+* 0: everything before the first attention block: the cls token, the positional embedding, the
+  patch embedding of R and, for the hybrid encoders of G and G+R, all CNN stages and the linear
+  embedding into the transformer width. The CNN takes the place of ViT's patch embedding, so it
+  gets its layer id (SimMIM gives Swin's patch embedding 0 too, and no layer id of its own to a
+  stem); split into stages it would also claim ids the ViT blocks' decay was tuned for.
+* i + 1: attention (ToMe) block i;
+* num_layers + 1: the final norm, the unused code projection, and the head (fc_norm + linear).
 Other settings follow SimMIM's ViT-B fine-tuning recipe and are constants below: label smoothing
 0.1, gradient clipping at 5, stochastic depth 0.1 (linear over depth), no weight decay on biases,
 norms, layer-scale gammas, the cls token and the positional embedding, AdamW betas (0.9, 0.999).
@@ -90,18 +104,42 @@ def set_drop_path(encoder: MergeVQEncoder, rate: float) -> None:
         block.drop_path = DropPath(p) if p > 0 else nn.Identity()
 
 
-def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """AdamW groups: decay on weight matrices / conv kernels; none on biases, norm and layer-scale
-    parameters (all 1-d), the cls token and the positional embedding (timm's no_weight_decay)."""
-    decay, no_decay = [], []
+def layer_id(name: str, num_layers: int) -> int:
+    """Layer id of an EncoderClassifier parameter for layer-wise lr decay (module docstring):
+    0 before the first attention block (cls token, positional embedding, CNN stages or patch
+    embedding, linear embedding), i + 1 in block i, num_layers + 1 after (norm, projection, head)."""
+    if name.startswith("encoder."):
+        part = name.split(".")[1]
+        if part in ("cls_token", "pos_embed", "stem", "embed"):
+            return 0
+        if part == "blocks":
+            return int(name.split(".")[2]) + 1
+    return num_layers + 1
+
+
+def parameter_groups(model: "EncoderClassifier", weight_decay: float, lr: float,
+                     layer_decay: float = 1.0) -> list[dict]:
+    """AdamW groups, one per (layer id, decay or not), each with its ``lr`` = lr * ``lr_scale``,
+    ``lr_scale`` = layer_decay ** (num_layers + 1 - layer_id) (SimMIM's get_finetune_param_groups).
+    Weight decay on weight matrices / conv kernels; none on biases, norm and layer-scale parameters
+    (all 1-d), the cls token and the positional embedding (timm's no_weight_decay)."""
+    num_layers = len(model.encoder.blocks)
+    groups: dict[tuple[int, bool], dict] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        if p.ndim <= 1 or name.endswith(("cls_token", "pos_embed")):
-            no_decay.append(p)
-        else:
-            decay.append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        decay = not (p.ndim <= 1 or name.endswith(("cls_token", "pos_embed")))
+        lid = layer_id(name, num_layers)
+        scale = layer_decay ** (num_layers + 1 - lid)
+        group = groups.setdefault((lid, decay), {"params": [], "weight_decay": weight_decay if decay else 0.0,
+                                                 "lr": lr * scale, "lr_scale": scale, "layer_id": lid})
+        group["params"].append(p)
+    return [groups[k] for k in sorted(groups)]
+
+
+def peak_lr(ft: dict) -> float:
+    """The batch-scaled peak learning rate base_lr * batch_size / base_batch_size (SimMIM, MAE)."""
+    return float(ft["base_lr"]) * int(ft["batch_size"]) / int(ft["base_batch_size"])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -109,7 +147,7 @@ def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 
 class TimmImageFolder(Dataset):
-    """An ImageFolderDataset's samples through a timm transform (outputs in [-1, 1])."""
+    """An ImageFolderDataset's samples through a timm or torchvision transform (outputs in [-1, 1])."""
 
     def __init__(self, base, transform):
         self.samples = base.samples
@@ -187,8 +225,9 @@ def finetune_encoder(model: MergeVQ, cfg: dict, kept: int, seed: int, device: st
     copy to keep the tokenizer). kept: K, the merged-token count the encoder runs at. train_set /
     val_set replace the datasets of cfg['data'] (items (image (3, R, R) in [-1, 1], label int)).
     Deterministic given seed on CPU (it seeds torch, numpy and random, which timm's RandAugment and
-    Mixup draw from). Returns {"kept", "top1", "epochs", "num_train", "num_val", "history"} where
-    history holds per epoch {"epoch", "lr", "loss", "val_top1", "images_per_s"}.
+    Mixup draw from). Returns {"kept", "top1", "epochs", "num_train", "num_val", "lr", "layer_decay",
+    "history"} where lr is the batch-scaled peak rate (the head's) and history holds per epoch
+    {"epoch", "lr" (the head's), "loss", "val_top1", "images_per_s"}.
     """
     ft = cfg["eval"]["finetune"]
     num_classes = int(cfg["data"]["num_classes"])
@@ -219,8 +258,9 @@ def finetune_encoder(model: MergeVQ, cfg: dict, kept: int, seed: int, device: st
 
     set_drop_path(model.encoder, DROP_PATH)
     classifier = EncoderClassifier(model.encoder, num_classes, kept).to(device)
-    opt = torch.optim.AdamW(parameter_groups(classifier, float(ft["weight_decay"])), lr=float(ft["lr"]),
-                            betas=BETAS)
+    lr = peak_lr(ft)
+    opt = torch.optim.AdamW(parameter_groups(classifier, float(ft["weight_decay"]), lr, float(ft["layer_decay"])),
+                            lr=lr, betas=BETAS)
     steps_per_epoch = len(train_loader)
     total = epochs * steps_per_epoch
     sched = torch.optim.lr_scheduler.LambdaLR(
@@ -242,7 +282,7 @@ def finetune_encoder(model: MergeVQ, cfg: dict, kept: int, seed: int, device: st
         for images, labels in bar:
             start = time.perf_counter()
             images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-            lr = opt.param_groups[0]["lr"]
+            lr = max(g["lr"] for g in opt.param_groups)  # the head's (lr_scale 1)
             if mixup is not None:
                 images, labels = mixup(images, labels)
             with _autocast(device):
@@ -268,7 +308,8 @@ def finetune_encoder(model: MergeVQ, cfg: dict, kept: int, seed: int, device: st
             tqdm.write(f"finetune epoch {epoch + 1}/{epochs}: loss {loss_sum / seen:.4f}, "
                        f"val top-1 {val_top1:.4f}, {seen / max(elapsed, 1e-9):.0f} images/s")
     return {"kept": int(kept), "top1": history[-1]["val_top1"], "epochs": epochs,
-            "num_train": len(train_set), "num_val": len(val_set), "history": history}
+            "num_train": len(train_set), "num_val": len(val_set), "lr": peak_lr(ft),
+            "layer_decay": float(ft["layer_decay"]), "history": history}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -286,19 +327,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from mergevq.config import load_config
+    from mergevq.config import ConfigError, load_config
     from mergevq.files import write_json
     from mergevq.tokenizer import load_tokenizer
 
     cfg = load_config(args.config, args.set)
     model, art = load_tokenizer(args.tokenizer, weights="ema")
     if model.resolution != cfg["data"]["resolution"]:
-        raise ValueError(f"{args.tokenizer}: tokenizer built for {model.resolution} px but data.resolution "
+        raise ConfigError(f"{args.tokenizer}: tokenizer built for {model.resolution} px but data.resolution "
                          f"is {cfg['data']['resolution']}")
     kept = int(args.kept if args.kept is not None else art["kept"])
+    if not 1 <= kept <= model.num_tokens:
+        raise ConfigError(f"--kept {kept} is not in [1, {model.num_tokens}] for tokenizer {args.tokenizer}")
     result = finetune_encoder(model, cfg, kept, cfg["seed"], args.device)
     metrics = {"variant": art["variant"], "kept": kept, "top1": result["top1"], "epochs": result["epochs"],
-               "num_train": result["num_train"], "num_val": result["num_val"]}
+               "num_train": result["num_train"], "num_val": result["num_val"], "lr": result["lr"],
+               "layer_decay": result["layer_decay"]}
     write_json(args.out, metrics)
     print(f"finetune {art['variant']} K={kept}: top-1 {result['top1']:.4f} "
           f"({result['num_train']} train / {result['num_val']} val images, {result['epochs']} epochs)")

@@ -15,15 +15,23 @@ For an encoder, ``eval.linear_probe.features`` picks the feature (FEATURE_KINDS)
 Raw pixels are the [-1, 1] images, area-averaged to at most 32 x 32 (an ImageNet 256 px probe on
 full-resolution pixels would hold 1.28M x 196,608 floats), then flattened.
 
+``eval.linear_probe.train_augment`` (paper config: on, MAE's protocol): the training images go
+through MAE's random-resized crop (scale 0.08-1, bicubic) and horizontal flip, a new view each
+epoch, so the frozen encoder runs on the training split every epoch (90 encoder passes over
+ImageNet instead of one) and train_top1 is measured on the centre crops. It needs an ImageFolder
+dataset: the demo's digits keep it off, as a flipped or cropped digit is another shape (a mirrored
+2 or 7 is no digit, a crop of an 8 can be a 0) and a probe trained on those would learn labels
+the validation images never carry.
+
 The JSON (written atomically): {"variant", "kept", "encoder": "trained"|"random_init"|"raw_pixels",
 "features", "top1", "top1_ci" ([low, high], 95% percentile bootstrap over the val images),
-"train_top1", "epochs", "steps", "batch_size", "lr", "num_train", "num_val", "val_correct" (0/1 per
-val image in dataset order: `mergevq table` compares encoders pairwise on it)}.
+"train_top1", "epochs", "steps", "batch_size", "lr", "train_augment", "num_train", "num_val",
+"val_correct" (0/1 per val image in dataset order: `mergevq table` compares encoders pairwise on it)}.
 """
 from __future__ import annotations
 
 import argparse
-from typing import NamedTuple
+from typing import Iterator, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -63,6 +71,17 @@ def pixel_features(images: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
+def batch_features(model: MergeVQ | None, images: torch.Tensor, kept: int | None, kind: str,
+                   device: torch.device) -> torch.Tensor:
+    """images (B, 3, R, R) in [-1, 1] -> features (B, D) float32 on the CPU (see extract_features)."""
+    if kind == RAW_PIXELS:
+        return pixel_features(images.float())
+    images = images.to(device, non_blocking=True)
+    with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        return pool_features(model.encode(images, kept), kind).float().cpu()
+
+
+@torch.no_grad()
 def extract_features(model: MergeVQ | None, dataset: Dataset, kept: int | None, kind: str, batch_size: int,
                      device: str | torch.device | None = None, *, num_workers: int = 0,
                      progress: bool = False) -> Features:
@@ -82,17 +101,49 @@ def extract_features(model: MergeVQ | None, dataset: Dataset, kept: int | None, 
                         pin_memory=device.type == "cuda")
     feats, labels = [], []
     for images, y in tqdm(loader, desc=f"features ({kind})", unit="batch", disable=not progress):
-        if kind == RAW_PIXELS:
-            f = pixel_features(images.float())
-        else:
-            images = images.to(device, non_blocking=True)
-            with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
-                f = pool_features(model.encode(images, kept), kind)
-        feats.append(f.float().cpu())
+        feats.append(batch_features(model, images, kept, kind, device))
         labels.append(torch.as_tensor(y, dtype=torch.int64))
     if not feats:
         raise ValueError("extract_features: the dataset is empty")
     return Features(torch.cat(feats), torch.cat(labels))
+
+
+def augmented_train_set(cfg: dict) -> Dataset:
+    """The training split through MAE's linear-probe augmentation: RandomResizedCrop(R, scale
+    (0.08, 1), bicubic) + RandomHorizontalFlip, as [-1, 1] tensors. ImageFolder only (see the
+    module docstring for why not the digits)."""
+    from torchvision import transforms as T
+
+    from mergevq.config import ConfigError
+    from mergevq.data import build_dataset
+    from mergevq.eval.finetune import TimmImageFolder
+
+    if cfg["data"]["dataset"] != "imagefolder":
+        raise ConfigError(f"eval.linear_probe.train_augment: true needs data.dataset imagefolder, not "
+                          f"{cfg['data']['dataset']!r} (a flipped or cropped digit is another shape)")
+    res = cfg["data"]["resolution"]
+    transform = T.Compose([T.RandomResizedCrop(res, interpolation=T.InterpolationMode.BICUBIC),
+                           T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize([0.5] * 3, [0.5] * 3)])
+    return TimmImageFolder(build_dataset(cfg, "train", "train"), transform)
+
+
+def augmented_feature_batches(model: MergeVQ | None, dataset: Dataset, kept: int | None, kind: str,
+                              batch_size: int, device, seed: int, num_workers: int = 0):
+    """(epoch -> iterator of (features (B, D), labels (B,))), steps per epoch) for
+    train_linear_probe_stream: a shuffled pass over the augmented images per epoch, each batch
+    through the frozen encoder; the last partial batch is dropped (BatchNorm, as MAE)."""
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if model is not None:
+        model.eval().to(device)
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, drop_last=True, num_workers=num_workers,
+                        pin_memory=device.type == "cuda", generator=torch.Generator().manual_seed(seed),
+                        persistent_workers=num_workers > 0)
+
+    def epoch_batches(epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for images, y in loader:
+            yield batch_features(model, images, kept, kind, device), torch.as_tensor(y, dtype=torch.int64)
+
+    return epoch_batches, len(loader)
 
 
 def random_init_tokenizer(cfg: dict, variant: str, seed: int) -> MergeVQ:
@@ -129,7 +180,7 @@ def run(args: argparse.Namespace) -> int:
     from mergevq.config import ConfigError, load_config
     from mergevq.data import build_dataset
     from mergevq.eval.bootstrap import bootstrap_interval
-    from mergevq.eval.linear_probe import train_linear_probe
+    from mergevq.eval.linear_probe import train_linear_probe, train_linear_probe_stream
     from mergevq.files import write_json
 
     cfg = load_config(args.config, args.set)
@@ -159,19 +210,26 @@ def run(args: argparse.Namespace) -> int:
 
     workers = int(cfg["data"].get("num_workers", 0))
     batch = int(lp["batch_size"])
+    augment = bool(lp["train_augment"])
+    augmented = augmented_train_set(cfg) if augment else None  # checked before any feature is extracted
     train = extract_features(model, build_dataset(cfg, "train", "eval"), kept, kind, batch, args.device,
                              num_workers=workers, progress=True)
     val = extract_features(model, build_dataset(cfg, "val", "eval"), kept, kind, batch, args.device,
                            num_workers=workers, progress=True)
+    common = dict(num_classes=int(cfg["data"]["num_classes"]), epochs=int(lp["epochs"]), lr=float(lp["lr"]),
+                  weight_decay=float(lp["weight_decay"]), seed=seed, device=args.device)
+    if augment:
+        batches, steps = augmented_feature_batches(model, augmented, kept, kind, batch, args.device, seed, workers)
+        result = train_linear_probe_stream(batches, steps, train.features.shape[1], val.features, val.labels,
+                                           train_eval=(train.features, train.labels), **common)
+    else:
+        result = train_linear_probe(train.features, train.labels, val.features, val.labels, batch_size=batch,
+                                    **common)
     del model
-    result = train_linear_probe(train.features, train.labels, val.features, val.labels,
-                                num_classes=int(cfg["data"]["num_classes"]), epochs=int(lp["epochs"]),
-                                lr=float(lp["lr"]), batch_size=batch, weight_decay=float(lp["weight_decay"]),
-                                seed=seed, device=args.device)
     metrics = {"variant": variant, "kept": kept, "encoder": encoder, "features": kind, "top1": result.top1,
                "top1_ci": list(bootstrap_interval(result.val_correct.numpy(), seed=seed)),
                "train_top1": result.train_top1, "epochs": int(lp["epochs"]),
-               "steps": result.steps, "batch_size": batch, "lr": float(lp["lr"]),
+               "steps": result.steps, "batch_size": batch, "lr": float(lp["lr"]), "train_augment": augment,
                "num_train": len(train.labels), "num_val": len(val.labels),
                "val_correct": result.val_correct.int().tolist()}
     write_json(args.out, metrics)

@@ -9,10 +9,13 @@ from mergevq.files import atomic_path
 
 
 @torch.no_grad()
-def reconstruction_rows(model, images: torch.Tensor, kept_counts: list[int], device="cpu") -> torch.Tensor:
+def reconstruction_rows(model, images: torch.Tensor, kept_counts: list[int], device="cpu",
+                        finetuned=None) -> torch.Tensor:
     """(1 + 2 * len(kept_counts)) rows of images in [-1, 1]: originals, then for each K the
-    reconstruction with the encoder's S and with Source Recovery's S_hat. Returns (R*B, 3, H, W)."""
-    from mergevq.tokenizer.recovery import source_from_logits
+    reconstruction with the encoder's S and with Source Recovery's S_hat (canonical), and a third
+    row per K with the fine-tuned recovery's S_hat when `finetuned` (a FinetunedRecovery) is given.
+    Returns (R*B, 3, H, W)."""
+    from mergevq.tokenizer.recovery import canonical_source
 
     model.eval()
     x = images.to(device)
@@ -20,7 +23,9 @@ def reconstruction_rows(model, images: torch.Tensor, kept_counts: list[int], dev
     for k in kept_counts:
         out = model(x, k)
         rows.append(out.reconstruction.float().clamp(-1, 1))
-        rows.append(model.decode(out.quant.quantized, source_from_logits(out.source_logits)).float().clamp(-1, 1))
+        rows.append(model.decode(out.quant.quantized, canonical_source(out.source_logits)).float().clamp(-1, 1))
+        if finetuned is not None:
+            rows.append(finetuned.decode(out.quant.quantized).float().clamp(-1, 1))
     return torch.cat(rows).cpu()
 
 

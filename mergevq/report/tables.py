@@ -36,17 +36,21 @@ PAPER_TOKENS = {"G": 1024, "G+R": 256, "R": 256}
 # Same threshold as mergevq.eval.fidelity.SMOKE_THRESHOLD (a test keeps them equal); repeated so
 # that building a table does not import torch.
 SMOKE_THRESHOLD = 2048
-TABLES = ("table1", "table2", "table4", "table5")
+TABLES = ("table1", "table2", "table3", "table4", "table5")
 TITLES = {
     "table1": "Table 1: self-supervised pre-training (linear probing and fine-tuning top-1, %)",
     "table2": "Table 2: reconstruction at each variant's kept count",
     "table4": "Table 4: kept tokens at inference vs reconstruction, linear probing, cost and steps",
-    "table5": "Table 5 (stage-1 rows): reconstruction with the ground-truth source S vs Source Recovery's S_hat",
+    "table3": "Table 3: class-conditional generation (gFID / IS), the paper's rows beside ours",
+    "table5": "Table 5: reconstruction with the ground-truth source S vs Source Recovery's S_hat, and generators on MergeVQ codes",
 }
 # Table 5: our recovery label -> the paper's `recovery` cell for the same setting.
 RECOVERY_GT = "ground-truth S"
 RECOVERY_PRED = "predicted S_hat (Source Recovery)"
-PAPER_RECOVERY = {RECOVERY_GT: "Ground-truth S", RECOVERY_PRED: "2-layer Cross-Attention"}
+RECOVERY_FT = "fine-tuned Source Recovery"
+# The paper does not say whether its row's recovery was fine-tuned (App. A.2: "5 (optional)" epochs).
+PAPER_RECOVERY = {RECOVERY_GT: "Ground-truth S", RECOVERY_PRED: "2-layer Cross-Attention",
+                  RECOVERY_FT: "2-layer Cross-Attention"}
 
 
 class Table(NamedTuple):
@@ -63,7 +67,9 @@ class ReportError(ValueError):
 
 
 def record_kind(record: dict) -> str:
-    """'sweep' | 'probe' | 'finetune' from a metrics.json's keys (the schemas differ)."""
+    """'sweep' | 'probe' | 'finetune' | 'generation' from a metrics.json's keys (the schemas differ)."""
+    if "gfid" in record:
+        return "generation"
     if "rfid_gt" in record:
         return "sweep"
     if "encoder" in record and "top1" in record:
@@ -95,7 +101,7 @@ def read_metrics(paths: Iterable[str | Path], kind: str | None = None) -> list[d
 
 def sort_inputs(paths: Iterable[str | Path]) -> dict[str, list[Path]]:
     """Group metric files by their content: {'sweep': [...], 'probe': [...], 'finetune': [...]}."""
-    groups: dict[str, list[Path]] = {"sweep": [], "probe": [], "finetune": []}
+    groups: dict[str, list[Path]] = {"sweep": [], "probe": [], "finetune": [], "generation": []}
     for record in read_metrics(paths):
         groups[record_kind(record)].append(Path(record["_path"]))
     return groups
@@ -191,8 +197,8 @@ def fid_notes(records: list[dict]) -> list[str]:
         + "; ".join(_describe_extractor(e) for e in extractors)
         + f", on {', '.join(map(str, counts))} images"
         + (f", reference {', '.join(refs)}" if refs else "")
-        + ". rfid_ci_low/rfid_ci_high: the interval stored with each rFID in metrics.json. "
-        "Paper: Inception-v3 on the 50,000 ImageNet validation images.",
+        + ". Paper: Inception-v3 on the 50,000 ImageNet validation images.",
+        interval_note(records),
     ]
     if smoke:
         notes.append(
@@ -200,6 +206,28 @@ def fid_notes(records: list[dict]) -> list[str]:
             "(the feature covariance is poorly estimated); read it as a smoke test and compare "
             "trends across rows, not values with the paper.")
     return notes
+
+
+def interval_note(records: list[dict]) -> str:
+    """What rfid_ci_low/rfid_ci_high are: the interval method, level and resamples named in metrics.json."""
+    found = set()
+    for r in records:
+        for which in ("rfid_gt", "rfid_pred"):
+            cell = r.get(which) or {}
+            boot = (r.get("fid_protocol") or {}).get("bootstrap") or {}
+            found.add((cell.get("ci_method", "not recorded"), boot.get("description"), cell.get("ci_level"),
+                       cell.get("resamples")))
+    parts = []
+    for method, description, level, resamples in sorted(found, key=str):
+        text = f"{method}" + (f" ({description})" if description else "")
+        if level is not None:
+            text += f", {100 * level:g}% level"
+        if resamples is not None:
+            text += f", {resamples} resamples"
+        parts.append(text)
+    return ("rfid_ci_low/rfid_ci_high: the interval stored with each rFID in metrics.json: " + "; ".join(parts)
+            + ". It brackets the FID expected from this many images, whose bias over FID at infinitely many "
+            "images it keeps (as the paper's FID-50k does).")
 
 
 def paper_k_note(cfg: dict, shown: Sequence[str]) -> str:
@@ -317,6 +345,8 @@ def build_table1(probe_jsons: Sequence[str | Path], finetune_jsons: Sequence[str
         notes.append(
             f"Fine-tuning: end-to-end, {', '.join(str(e) for e in sorted({f['epochs'] for f in fts}))} epochs, "
             + ", ".join(f"{a} train / {b} val images" for a, b in sorted({(f['num_train'], f['num_val']) for f in fts}))
+            + "".join(f", peak lr {lr:g} (base lr x batch / base batch), layer-wise lr decay {d:g}"
+                      for lr, d in sorted({(f["lr"], f["layer_decay"]) for f in fts if "lr" in f}))
             + ".")
     notes.append("Reference rows: the same probe on each variant's encoder at random initialisation, "
                  "and on raw pixels; they bound what the training added.")
@@ -399,7 +429,7 @@ PAPER_TABLE4 = {
 def build_table4(sweep_jsons: Sequence[str | Path], probe_jsons: Sequence[str | Path],
                  paper_csv: str | Path, cfg: dict) -> Table:
     """One row per (variant, K) of the sweep: rFID (with CI), PSNR, linear-probe top-1 at that K,
-    encoder/decoder GMACs, sampling steps; paper values at paper_k from Table 4."""
+    encoder/decoder GMACs, tokens per image; paper values at paper_k from Table 4."""
     records = read_metrics(sweep_jsons, "sweep")
     sweep = _sweep_index(records)
     probes = read_metrics(probe_jsons, "probe")
@@ -423,24 +453,26 @@ def build_table4(sweep_jsons: Sequence[str | Path], probe_jsons: Sequence[str | 
         row = {"variant": v, "tokens": k, "paper_k": pk}
         if rec is not None:
             row.update(_rfid_cells(rec))
-            row.update({"psnr": rec["psnr_gt"], "encoder_gmacs": rec["encoder_gmacs"],
+            hat = "ft" if "rfid_ft" in rec else "pred"  # the fine-tuned recovery's S_hat when evaluated
+            row.update({"psnr": rec["psnr_gt"], "rfid_s_hat": rec[f"rfid_{hat}"]["value"],
+                        "psnr_s_hat": rec[f"psnr_{hat}"], "encoder_gmacs": rec["encoder_gmacs"],
                         "decoder_gmacs": rec["decoder_gmacs"],
                         "gmacs": rec["encoder_gmacs"] + rec["decoder_gmacs"],
-                        "sampling_steps": rec["sampling_steps"]})
+                        "tokens_per_image": rec["tokens_per_image"]})
         if probe is not None:
             row["linear_top1"] = _fraction_to_percent(probe["top1"], probe["_path"], "top1")
         match = paper[paper["tokens"] == pk]
         for ours, theirs in PAPER_TABLE4.get(v, {}).items():
             row[ours] = match[theirs].iloc[0] if len(match) else math.nan
         rows.append(row)
-    columns = ["variant", "tokens", "paper_k", "rfid", "rfid_ci_low", "rfid_ci_high", "psnr", "linear_top1",
-               "encoder_gmacs", "decoder_gmacs", "gmacs", "sampling_steps",
+    columns = ["variant", "tokens", "paper_k", "rfid", "rfid_ci_low", "rfid_ci_high", "psnr", "rfid_s_hat",
+               "psnr_s_hat", "linear_top1", "encoder_gmacs", "decoder_gmacs", "gmacs", "tokens_per_image",
                "paper_rfid", "paper_linear_top1", "paper_steps", "paper_gflops"]
-    df = _intify(pd.DataFrame(rows, columns=columns), ["tokens", "paper_k", "sampling_steps", "paper_steps"])
+    df = _intify(pd.DataFrame(rows, columns=columns), ["tokens", "paper_k", "tokens_per_image", "paper_steps"])
 
     res = cfg["data"]["resolution"]
-    steps = df.dropna(subset=["sampling_steps"])
-    steps_equal_k = bool(len(steps)) and bool((steps["sampling_steps"] == steps["tokens"]).all())
+    counted = df.dropna(subset=["tokens_per_image"])
+    tokens_equal_k = bool(len(counted)) and bool((counted["tokens_per_image"] == counted["tokens"]).all())
     shown = [v for v in order if v in set(df["variant"])]
     notes = [
         dataset_note(cfg),
@@ -449,6 +481,9 @@ def build_table4(sweep_jsons: Sequence[str | Path], probe_jsons: Sequence[str | 
         "describes). The paper's Table 4 caption says 'the number of kept tokens during training', which "
         "reads as one tokenizer per K; our rows differ from it in that.",
         *fid_notes([r for r in records if r["variant"] in order]),
+        "rfid / psnr: with the encoder's S, as the paper's Table 4; rfid_s_hat / psnr_s_hat beside them: with "
+        "Source Recovery's S_hat (the fine-tuned recovery's where the sweep was scored with `--recovery`, else "
+        "the stage-1 recovery's; Table 5 gives both).",
         "linear_top1: linear probe on the frozen encoder's features at that K; empty where no probe "
         "file exists. The paper's Acc. column (48.6-54.3) comes from a shorter ablation schedule than "
         "Table 1 and is not comparable with it.",
@@ -456,9 +491,12 @@ def build_table4(sweep_jsons: Sequence[str | Path], probe_jsons: Sequence[str | 
         "Recovery not counted), fvcore's convention that Table A1 calls FLOPs. paper_gflops is Table "
         "4's FLOPs column (256x256), which does not match Table A1's encoder + decoder sum "
         "(results/paper/README.md, caveat (i)).",
-        "#Step: the paper prints K/4 (its rows: 64 steps at 256 tokens). sampling_steps is ours: the "
-        "autoregressive steps to generate a K-token raster sequence, one token per step"
-        + (", which equals K in every row." if steps_equal_k else " (as stored in metrics.json)."),
+        "tokens_per_image: the K code tokens that represent one image, i.e. what a stage-2 generator "
+        "produces per image (K steps for a raster autoregressive model at one token per step)"
+        + (", K in every row." if tokens_equal_k else " (as stored in metrics.json).")
+        + " paper_steps is the paper's '#Step' column, which prints K/4 (64 at 256 tokens, 36 at 144): "
+        "it counts generation steps of the paper's generator at 4 tokens per step (our reading; the "
+        "paper does not define it), so it is not comparable with tokens_per_image.",
         paper_k_note(cfg, shown),
         "Paper columns: rFID from G's column (G rows) or G+R's (G+R rows); steps, Acc. and FLOPs from "
         "G+R's; R's only value is Acc. 54.3 at 36 tokens (README's reading of the garbled table).",
@@ -479,36 +517,211 @@ def build_table5(sweep_jsons: Sequence[str | Path], paper_csv: str | Path, cfg: 
     paper = pd.read_csv(paper_csv)
     rows = []
     for v, k, pk, rec in targets:
-        for label, which in ((RECOVERY_GT, "gt"), (RECOVERY_PRED, "pred")):
+        kinds = [(RECOVERY_GT, "gt"), (RECOVERY_PRED, "pred")]
+        if rec is not None and "rfid_ft" in rec:  # evaluated with `--recovery` (finetune-recovery)
+            kinds.append((RECOVERY_FT, "ft"))
+        for label, which in kinds:
             row = {"version": f"({v})", "recovery": label, "tokens": k, "paper_k": pk}
             if rec is not None:
                 row.update(_rfid_cells(rec, which))
                 row.update({"psnr": rec[f"psnr_{which}"], "ssim": rec[f"ssim_{which}"]})
-                if which == "pred":
+                top1 = rec.get(f"classifier_top1_recon_{which}")
+                if top1 is not None:
+                    row["classifier_top1"] = _fraction_to_percent(top1, rec["_path"], f"classifier_top1_recon_{which}")
+                if which != "gt":
+                    accuracy = "source_accuracy" if which == "pred" else "source_accuracy_ft"
+                    row["source_accuracy"] = _fraction_to_percent(rec[accuracy], rec["_path"], accuracy)
                     row.update({key: _fraction_to_percent(rec[key], rec["_path"], key)
-                                for key in ("source_accuracy", "source_accuracy_chance",
-                                            "source_accuracy_position_baseline")})
+                                for key in ("source_accuracy_chance", "source_accuracy_position_baseline")})
             match = paper[(paper["version"] == f"({v})") & (paper["recovery"] == PAPER_RECOVERY[label])
                           & (paper["generator"] == "none") & (paper["tokens"] == pk)]
             row["paper_rfid"] = match["rfid"].iloc[0] if len(match) else math.nan
             rows.append(row)
     columns = ["version", "recovery", "tokens", "paper_k", "rfid", "rfid_ci_low", "rfid_ci_high", "psnr", "ssim",
-               "source_accuracy", "source_accuracy_chance", "source_accuracy_position_baseline", "paper_rfid"]
+               "classifier_top1", "source_accuracy", "source_accuracy_chance", "source_accuracy_position_baseline",
+               "paper_rfid"]
     df = _intify(pd.DataFrame(rows, columns=columns), ["tokens", "paper_k"])
+    if df["classifier_top1"].isna().all():
+        df = df.drop(columns="classifier_top1")  # the Inception extractor has no classifier
+    originals = [r["classifier_top1_original"] for r in used if r.get("classifier_top1_original") is not None]
     notes = [
         dataset_note(cfg), *fid_notes(used),
         f"'{RECOVERY_GT}': token recovery (Eq. 14) with the encoder's source matrix; "
-        f"'{RECOVERY_PRED}': with S_hat = argmax of the Source Recovery logits (Eq. 10), compared "
-        "with the paper's '2-layer Cross-Attention' row (Source Recovery, Table A2).",
+        f"'{RECOVERY_PRED}': with the stage-1 Source Recovery's S_hat (Eq. 10's argmax taken over the "
+        "canonical source matrices, tokenizer.recovery.canonical_owners), compared with the paper's "
+        "'2-layer Cross-Attention' row (Source Recovery, Table A2); "
+        f"'{RECOVERY_FT}': with the S_hat of the recovery after `mergevq finetune-recovery` (App. A.2), "
+        "decoded by the decoder that run fine-tuned on S_hat when generator.recovery_finetune.finetune_decoder "
+        "is on (the S rows keep the stage-1 decoder).",
+        *([f"classifier_top1: the demo classifier's top-1 on the reconstructions, %; on the originals "
+           f"{100 * originals[0]:.1f}%."] if originals and "classifier_top1" in df else []),
         "source_accuracy: agreement of S_hat with S over the L positions, %, with its chance level "
         "(source_accuracy_chance) and the accuracy of a predictor that uses the position only "
         "(source_accuracy_position_baseline), as `mergevq evaluate` stores them; both are floors "
         "that Source Recovery has to beat to use the token content.",
         paper_k_note(cfg, variants(cfg)),
-        "Only the paper's stage-1 rows (no generator) are compared; the generator rows of Table 5 "
-        "belong to stage 2. The paper reports them for (G+R) only.",
+        "Stage-1 rows (generator 'none') compare rFID; the paper reports them for (G+R) only. The "
+        "generator rows, when given, follow (see their notes).",
     ]
     return Table(df, notes)
+
+
+# ---------------------------------------------------------------------------------------------
+# Stage 2: Table 3 and the generator rows of Table 5 (inputs: `mergevq generation-metrics` files of
+# the final sample sets, one per (generator, tokenizer variant))
+
+# Our generator kind -> the paper's generator name in Table 3 / Table 5 rows of the same method.
+PAPER_GENERATOR = {"llamagen": "LlamaGen-L"}
+GENERATOR_LABEL = {"llamagen": "LlamaGen"}
+
+
+def _generation_index(records: list[dict], cfg: dict) -> dict:
+    """{(generator kind, tokenizer variant): record}, refusing two records of one pair."""
+    out = {}
+    for r in records:
+        name = r.get("generator_name") or ""
+        kind, _, variant = name.partition("_")
+        if kind not in PAPER_GENERATOR or variant not in cfg["tokenizer"]["variants"]:
+            raise ReportError(f"{r['_path']}: generator {name!r} is not a (generator, variant) pair of this config")
+        if (kind, variant) in out:
+            raise ReportError(f"two generation files for {name}: {out[(kind, variant)]['_path']} and {r['_path']}")
+        out[(kind, variant)] = r
+    return out
+
+
+def _generation_cells(r: dict) -> dict:
+    cc = r.get("class_consistency") or {}
+    mem = r.get("memorisation") or {}
+    return {"gfid": r["gfid"], "is": r.get("is"), "cfg_scale": r["settings"]["cfg_scale"],
+            "num_samples": r["num_samples"], "params_m": (r.get("generator_params") or math.nan) / 1e6,
+            "class_consistency": 100 * cc["top1"] if cc else math.nan,
+            "near_duplicate_percent": 100 * mem["samples"]["near_duplicate_share"] if mem else math.nan,
+            "val_near_duplicate_percent": 100 * mem["validation"]["near_duplicate_share"] if mem else math.nan}
+
+
+def generation_notes(records: list[dict], cfg: dict) -> list[str]:
+    """gFID protocol, the CFG sweep behind each chosen scale, class consistency and memorisation."""
+    if not records:
+        return ["Ours: no generation metrics files were given (no generator trained in this config); "
+                "rows without a file are absent, never filled in."]
+    protocols = [r.get("fid_protocol") or {} for r in records]
+    extractors = sorted({str(p.get("extractor", "unknown")) for p in protocols})
+    refs = sorted({str(p.get("reference")) for p in protocols if p.get("reference")})
+    counts = sorted({int(r["num_samples"]) for r in records})
+    notes = ["gFID / IS of " + ", ".join(map(str, counts)) + " class-conditional samples (classes in equal "
+             "numbers) in " + "; ".join(_describe_extractor(e) for e in extractors)
+             + (f", against {', '.join(refs)}" if refs else "")
+             + ". Paper: Inception-v3, 50,000 samples against ADM's ImageNet 256 reference batch."]
+    if any(r.get("smoke") for r in records):
+        notes.append(f"**smoke**: gFID from fewer than {SMOKE_THRESHOLD} images (or a reference of fewer) is "
+                     "biased upwards and noisy; compare trends, not values with the paper. IS from the demo "
+                     "classifier's 10 classes is at most 10.")
+    for r in records:
+        sweep = r.get("cfg_sweep") or []
+        s = r["settings"]
+        text = (f"{r['generator_name']}: constant CFG scale {s['cfg_scale']:g} (lowest gFID of the sweep), "
+                f"temperature {s['temperature']:g}, top-k {s['top_k']}, top-p {s['top_p']}")
+        if sweep:
+            cells = []
+            for row in sweep:
+                cell = f"{row['cfg_scale']:g}: gFID {row['gfid']:.3g}"
+                if row.get("class_consistency"):
+                    cell += f", class consistency {100 * row['class_consistency']['top1']:.1f}%"
+                cells.append(cell)
+            text += "; sweep (" + str(len(sweep)) + " scales, fewer samples each) " + "; ".join(cells)
+        notes.append(text + ".")
+    if any(r.get("class_consistency") for r in records):
+        notes.append("class_consistency: the demo classifier's top-1 on the samples against the class each was "
+                     "asked for, % (chance 10%).")
+    mems = [r["memorisation"] for r in records if r.get("memorisation")]
+    if mems:
+        m = mems[0]
+        notes.append(
+            "Memorisation: nearest training code sequence of each sample by Hamming distance; "
+            f"near_duplicate_percent counts samples at most as far as the closest {100 * m['near_duplicate_quantile']:g}% "
+            "of validation sequences are (val_near_duplicate_percent, the rate of held-out real images); "
+            + "; ".join(f"{r['generator_name']}: nearest distance {r['memorisation']['samples']['nearest_distance_mean']:.2f} "
+                        f"of positions (validation {r['memorisation']['validation']['nearest_distance_mean']:.2f}), "
+                        f"exact copies {100 * r['memorisation']['samples']['exact_copy_share']:.1f}%, "
+                        f"{100 * r['memorisation']['distinct_share']:.1f}% distinct sequences"
+                        for r in records if r.get("memorisation")) + ".")
+    return notes
+
+
+def build_table3(generation_jsons: Sequence[str | Path], paper_csv: str | Path, cfg: dict) -> Table:
+    """The paper's Table 3 rows with ours beside the rows we reproduce (MergeVQ tokenizer + the same
+    generator, at the paper's steps scaled like its tokens), and our runs that have no paper row."""
+    records = read_metrics(generation_jsons, "generation")
+    ours = _generation_index(records, cfg)
+    paper = pd.read_csv(paper_csv)
+    rows, used = [], set()
+    for _, p in paper.iterrows():
+        row = {"type": p["type"], "tokenizer": p["tokenizer"], "generator": p["generator"],
+               "paper_params_m": p["params"], "paper_steps": p["steps"], "paper_gfid": p["gfid"], "paper_is": p["is"]}
+        for (kind, v), r in ours.items():
+            tokens = cfg["tokenizer"]["variants"][v]["tokens"]
+            if (p["tokenizer"] == method_name(v) and p["generator"] == PAPER_GENERATOR[kind]
+                    and p["steps"] == paper_k(cfg, v, tokens)):
+                row.update(steps=tokens, **_generation_cells(r))
+                used.add((kind, v))
+        rows.append(row)
+    for (kind, v), r in ours.items():  # e.g. (G)+LlamaGen: Table 5 has its paper gFID, Table 3 no row
+        if (kind, v) not in used:
+            rows.append({"type": "AR (raster)", "tokenizer": method_name(v), "generator": GENERATOR_LABEL[kind],
+                         "steps": cfg["tokenizer"]["variants"][v]["tokens"], **_generation_cells(r)})
+    columns = ["type", "tokenizer", "generator", "paper_params_m", "paper_steps", "paper_gfid", "paper_is", "steps",
+               "params_m", "gfid", "is", "cfg_scale", "num_samples", "class_consistency", "near_duplicate_percent",
+               "val_near_duplicate_percent"]
+    df = _intify(pd.DataFrame(rows, columns=columns), ["paper_steps", "steps", "num_samples"])
+    shown = sorted({v for _, v in ours}, key=list(cfg["tokenizer"]["variants"]).index)
+    data = cfg["data"]
+    notes = [f"Generation: class-conditional, {data['num_classes']} classes of {data['dataset']} at "
+             f"{data['resolution']}x{data['resolution']}; generators are trained on the tokenizer's codes of the "
+             "training images. Paper: ImageNet-1K, 1,000 classes, 256x256.",
+             "Paper columns: Table 3 as printed (params in millions; steps = decoding steps). Ours fill the "
+             "rows with our tokenizer and generator; the MergeAR and RandAR rows stay empty until those "
+             "generators are trained (never filled in).",
+             "steps: our decoding steps, one code per step over the L grid positions (LlamaGen at K = L, as "
+             "the authors' stage-2 configs), matched with the paper's row of the same tokenizer, generator and "
+             "steps at the same share of the grid (" + "; ".join(
+                 f"{v}: L = {cfg['tokenizer']['variants'][v]['tokens']} here, {PAPER_TOKENS.get(v)} in the paper"
+                 for v in shown) + ").",
+             *generation_notes(list(ours.values()), cfg)]
+    return Table(df, notes)
+
+
+def add_generator_rows_table5(table: Table, generation_jsons: Sequence[str | Path], paper_csv: str | Path,
+                              cfg: dict) -> Table:
+    """Table 5's generator rows "(V)+LlamaGen" (no recovery: the generator sees all L positions),
+    gFID ours beside the paper's, appended to the stage-1 rows."""
+    records = read_metrics(generation_jsons, "generation")
+    ours = _generation_index(records, cfg)
+    paper = pd.read_csv(paper_csv)
+    rows = []
+    for v in variants(cfg):
+        for kind in PAPER_GENERATOR:
+            r = ours.get((kind, v))
+            tokens = cfg["tokenizer"]["variants"][v]["tokens"]
+            pk = paper_k(cfg, v, tokens)
+            version = f"({v})+{GENERATOR_LABEL[kind]}"
+            match = paper[(paper["version"] == version) & (paper["tokens"] == pk)]
+            if r is None and not len(match):
+                continue
+            row = {"version": version, "recovery": "none", "tokens": tokens, "paper_k": pk,
+                   "paper_gfid": match["gfid"].iloc[0] if len(match) else math.nan}
+            if r is not None:
+                row["gfid"] = r["gfid"]
+            rows.append(row)
+    if not rows:
+        return table
+    frame = pd.concat([table.frame, pd.DataFrame(rows)], ignore_index=True)
+    columns = list(table.frame.columns) + [c for c in ("gfid", "paper_gfid") if c not in table.frame.columns]
+    frame = _intify(frame.reindex(columns=columns), ["tokens", "paper_k"])
+    notes = table.notes + ["Generator rows: gFID of class-conditional samples of a generator trained on the "
+                           "tokenizer's codes at K = L (no merging, no recovery), at the CFG scale of its "
+                           "lowest sweep gFID; a paper row without ours has no trained generator here."]
+    notes += generation_notes(list(ours.values()), cfg)
+    return Table(frame, notes)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -545,9 +758,12 @@ def build(name: str, inputs: Sequence[str | Path], cfg: dict, paper_csv: str | P
         return build_table1(groups["probe"], groups["finetune"], paper_csv, cfg)
     if name == "table2":
         return build_table2(groups["sweep"], paper_csv, cfg)
+    if name == "table3":
+        return build_table3(groups["generation"], paper_csv, cfg)
     if name == "table4":
         return build_table4(groups["sweep"], groups["probe"], paper_csv, cfg)
-    return build_table5(groups["sweep"], paper_csv, cfg)
+    table = build_table5(groups["sweep"], paper_csv, cfg)
+    return add_generator_rows_table5(table, groups["generation"], paper_csv, cfg)
 
 
 # ---------------------------------------------------------------------------------------------
