@@ -27,7 +27,9 @@ rule reference_features:
         features=f"{OUT}/eval/reference/val_features.pt",
     params:
         classifier=lambda wc, input: f"--classifier {input.classifier}" if input.classifier else "",
-        settings=config_hash({"fid": config["eval"]["fid"], "data": config["data"]}),
+        # what the features depend on (not batch size or the number of bootstrap resamples)
+        settings=config_hash({"extractor": config["eval"]["fid"]["extractor"], "num_images": config["eval"]["fid"]["num_images"],
+                              "data": config["data"], "weights": config["weights"].get("inception")}),
     log:
         f"{OUT}/logs/reference_features.log",
     benchmark:

@@ -108,3 +108,22 @@ rule finetune:
     shell:
         "mergevq finetune --config \"$MERGEVQ_CONFIG\" --tokenizer {input.tokenizer} "
         "--out {output.metrics} > {log} 2>&1"
+
+
+rule linear_probe_at_kept:
+    # Table 4's per-K protocol: the tokenizer trained for K, probed at K
+    input:
+        tokenizer=f"{OUT}/tokenizer/{{variant}}/k{{kept}}/model.pt",
+    output:
+        metrics=f"{OUT}/per_kept/{{variant}}/k{{kept}}/probe.json",
+    params:
+        settings=config_hash(config["eval"]["linear_probe"]),
+    log:
+        f"{OUT}/logs/linear_probe/{{variant}}_trained_k{{kept}}.log",
+    benchmark:
+        f"{OUT}/benchmarks/linear_probe/{{variant}}_trained_k{{kept}}.tsv"
+    resources:
+        **res("eval_rule"),
+    shell:
+        "mergevq linear-probe --config \"$MERGEVQ_CONFIG\" --tokenizer {input.tokenizer} "
+        "--kept {wildcards.kept} --out {output.metrics} > {log} 2>&1"

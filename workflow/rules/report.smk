@@ -15,14 +15,23 @@ TOKENIZERS = [f"{OUT}/tokenizer/{v}/model.pt" for v in VARIANTS]
 # What the tables' and figures' labels and notes read from the config (their numbers come from inputs).
 REPORT_SETTINGS = config_hash({"run": RUN, "seed": config["seed"], "data": config["data"],
                                "tokenizer": config["tokenizer"], "probe": config["eval"]["linear_probe"]})
+# Table 4's per-K protocol, for the variants with `train_per_kept: true`: one tokenizer per K of the
+# sweep; at the variant's own target K that tokenizer is the main one (same settings), not retrained.
+PER_KEPT_JSONS = [
+    f"{OUT}/per_kept/{v}/k{k}/{name}.json"
+    for v, var in config["tokenizer"]["variants"].items() if var.get("train_per_kept")
+    for k in var["sweep"] if k != var["kept"]
+    for name in ("metrics", "probe")
+]
 TABLE_INPUTS = {
     "table1": [f"{OUT}/probe/{v}/k{config['tokenizer']['variants'][v]['kept']}/metrics.json" for v in VARIANTS]
     + BASELINE_JSONS
     + EXTRA_PROBE_JSONS
     + FINETUNE_JSONS,
     "table2": TARGET_SWEEP,
-    "table4": SWEEP_JSONS + PROBE_JSONS,
-    "table5": TARGET_SWEEP,
+    "table4": SWEEP_JSONS + PROBE_JSONS + PER_KEPT_JSONS,
+    "table3": GENERATION_METRICS,  # workflow/rules/generator.smk: final samples of each (generator, variant)
+    "table5": TARGET_SWEEP + GENERATION_METRICS,
 }
 
 
@@ -30,7 +39,8 @@ rule table:
     input:
         lambda wc: TABLE_INPUTS[wc.table],
     output:
-        csv=f"{OUT}/tables/{{table}}.csv",
+        csv=report(f"{OUT}/tables/{{table}}.csv", caption="../report/table.rst", category="Tables",
+                   labels={"table": "{table}"}),
         md=f"{OUT}/tables/{{table}}.md",
     wildcard_constraints:
         table="|".join(TABLE_INPUTS),
@@ -95,7 +105,8 @@ rule figure_merge_maps:
 
 rule figure_reconstructions:
     input:
-        TOKENIZERS,
+        tokenizers=TOKENIZERS,
+        recoveries=[f"{OUT}/tokenizer/{v}/recovery/model.pt" for v in VARIANTS],
     output:
         report(f"{OUT}/figures/figA1_reconstructions.png", caption="../report/figA1_reconstructions.rst", category="Figures"),
     params:
@@ -105,4 +116,21 @@ rule figure_reconstructions:
     resources:
         **res("eval_rule"),
     shell:
-        "mergevq figure figA1_reconstructions --config \"$MERGEVQ_CONFIG\" --tokenizers {input} --out {output} > {log} 2>&1"
+        "mergevq figure figA1_reconstructions --config \"$MERGEVQ_CONFIG\" --tokenizers {input.tokenizers} "
+        "--recoveries {input.recoveries} --out {output} > {log} 2>&1"
+
+
+rule figure_samples:
+    input:
+        samples=FINAL_SAMPLES,
+        metrics=GENERATION_METRICS,
+    output:
+        report(f"{OUT}/figures/figA2_samples.png", caption="../report/figA2_samples.rst", category="Figures"),
+    params:
+        folders=lambda wc, input: " ".join(str(Path(f).parent) for f in input.samples),
+    log:
+        f"{OUT}/logs/figures/figA2_samples.log",
+    resources:
+        **res("cpu_rule"),
+    shell:
+        "mergevq figure figA2_samples --config \"$MERGEVQ_CONFIG\" --samples {params.folders} --out {output} > {log} 2>&1"

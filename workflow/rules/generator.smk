@@ -1,0 +1,159 @@
+# Stage 2 (Sec. 4, App. A.2): codes of each frozen tokenizer, a class-conditional generator trained
+# on them, samples at every CFG scale of the sweep, gFID/IS (and the demo's class consistency and
+# memorisation) of each, then the final sample set at the scale with the lowest sweep gFID
+# (Table 3's protocol: sweep on 10 per class, report 50 per class).
+#   results/{run}/codes/{variant}/k{K}/{split}.json                  extract_codes
+#   results/{run}/generator/{gen}_{variant}/model.pt                  train_generator
+#   results/{run}/samples/{gen}_{variant}/cfg{s}/samples.json         sample_sweep
+#   results/{run}/samples/{gen}_{variant}/final/samples.json          sample_final
+#   results/{run}/samples/{gen}_{variant}/{cfg{s}|final}/metrics.json generation_metrics
+# The undeclared shards (codes), last.ckpt (training) and images/ + parts/ (samples) beside the
+# declared files survive a failed job, so its retry resumes.
+
+from mergevq.train.generator import generator_hash
+
+GENERATOR = config.get("generator", {})
+SAMPLING = GENERATOR.get("sampling", {})
+# (generator, tokenizer variant) pairs the config trains; LlamaGen runs at K = L (`merge_num: 0` in
+# the authors' stage-2 configs): Table 3's "(G+R)+LlamaGen-L, 256 steps", Table 5's "(G)+LlamaGen, 1024".
+GENERATOR_RUNS = [(g, v) for g in ("llamagen",) for v in GENERATOR.get(g, {}).get("variants", []) if v in VARIANTS]
+CFG_SCALES = [f"{s:g}" for s in SAMPLING.get("cfg_scales", [])]
+GENERATION_METRICS = [f"{OUT}/samples/{g}_{v}/final/metrics.json" for g, v in GENERATOR_RUNS]
+FINAL_SAMPLES = [f"{OUT}/samples/{g}_{v}/final/samples.json" for g, v in GENERATOR_RUNS]
+
+
+wildcard_constraints:
+    gen="llamagen",
+    split="train|val",
+    cfg=r"\d+(\.\d+)?",
+    setting=r"cfg\d+(\.\d+)?|final",
+
+
+def generator_kept(wc):
+    """K of the codes a generator reads: L for LlamaGen (no merging)."""
+    return config["tokenizer"]["variants"][wc.variant]["tokens"]
+
+
+def codes_of(split):
+    return lambda wc: f"{OUT}/codes/{wc.variant}/k{generator_kept(wc)}/{split}.json"
+
+
+rule extract_codes:
+    input:
+        tokenizer=f"{OUT}/tokenizer/{{variant}}/model.pt",
+    output:
+        manifest=f"{OUT}/codes/{{variant}}/k{{kept}}/{{split}}.json",
+    params:
+        outdir=lambda wc: f"{OUT}/codes/{wc.variant}/k{wc.kept}",
+        settings=config_hash({"data": config["data"], "seed": config["seed"], "codes": GENERATOR.get("codes")}),
+        launch=launch("eval_rule"),
+    log:
+        f"{OUT}/logs/extract_codes/{{variant}}_k{{kept}}_{{split}}.log",
+    benchmark:
+        f"{OUT}/benchmarks/extract_codes/{{variant}}_k{{kept}}_{{split}}.tsv"
+    resources:
+        **res("eval_rule"),
+    shell:
+        "{params.launch} extract-codes --config \"$MERGEVQ_CONFIG\" --tokenizer {input.tokenizer} "
+        "--kept {wildcards.kept} --split {wildcards.split} --out {params.outdir} > {log} 2>&1"
+
+
+rule train_generator:
+    input:
+        train=codes_of("train"),
+        val=codes_of("val"),
+    output:
+        model=f"{OUT}/generator/{{gen}}_{{variant}}/model.pt",
+    params:
+        outdir=lambda wc: f"{OUT}/generator/{wc.gen}_{wc.variant}",
+        settings=lambda wc: generator_hash(config, wc.gen),
+        launch=launch("gpu_rule"),
+    log:
+        f"{OUT}/logs/train_generator/{{gen}}_{{variant}}.log",
+    benchmark:
+        f"{OUT}/benchmarks/train_generator/{{gen}}_{{variant}}.tsv"
+    priority: 5
+    resources:
+        **resumable("gpu_rule"),
+    shell:
+        resumable_shell("{params.launch} train-generator --config \"$MERGEVQ_CONFIG\" --generator {wildcards.gen} "
+                        "--variant '{wildcards.variant}' --codes {input.train} --val-codes {input.val} --out {params.outdir}")
+
+
+# What a sample folder depends on besides its scale and count (the batch size changes nothing).
+SAMPLE_SETTINGS = config_hash({k: SAMPLING.get(k) for k in ("temperature", "top_k", "top_p", "seed")})
+
+
+rule sample_sweep:
+    input:
+        generator=f"{OUT}/generator/{{gen}}_{{variant}}/model.pt",
+        tokenizer=f"{OUT}/tokenizer/{{variant}}/model.pt",
+    output:
+        meta=f"{OUT}/samples/{{gen}}_{{variant}}/cfg{{cfg}}/samples.json",
+        npz=f"{OUT}/samples/{{gen}}_{{variant}}/cfg{{cfg}}/samples.npz",
+        codes=f"{OUT}/samples/{{gen}}_{{variant}}/cfg{{cfg}}/codes.pt",
+    params:
+        outdir=lambda wc: f"{OUT}/samples/{wc.gen}_{wc.variant}/cfg{wc.cfg}",
+        per_class=SAMPLING.get("sweep_per_class"),
+        settings=SAMPLE_SETTINGS,
+        launch=launch("eval_rule"),
+    log:
+        f"{OUT}/logs/sample/{{gen}}_{{variant}}_cfg{{cfg}}.log",
+    benchmark:
+        f"{OUT}/benchmarks/sample/{{gen}}_{{variant}}_cfg{{cfg}}.tsv"
+    resources:
+        **res("eval_rule"),
+    shell:
+        "{params.launch} sample --config \"$MERGEVQ_CONFIG\" --generator {input.generator} --tokenizer {input.tokenizer} "
+        "--cfg {wildcards.cfg} --num-per-class {params.per_class} --out {params.outdir} > {log} 2>&1"
+
+
+rule sample_final:
+    input:
+        sweep=lambda wc: [f"{OUT}/samples/{wc.gen}_{wc.variant}/cfg{s}/metrics.json" for s in CFG_SCALES],
+        generator=f"{OUT}/generator/{{gen}}_{{variant}}/model.pt",
+        tokenizer=f"{OUT}/tokenizer/{{variant}}/model.pt",
+    output:
+        meta=f"{OUT}/samples/{{gen}}_{{variant}}/final/samples.json",
+        npz=f"{OUT}/samples/{{gen}}_{{variant}}/final/samples.npz",
+        codes=f"{OUT}/samples/{{gen}}_{{variant}}/final/codes.pt",
+    params:
+        outdir=lambda wc: f"{OUT}/samples/{wc.gen}_{wc.variant}/final",
+        per_class=SAMPLING.get("num_per_class"),
+        settings=SAMPLE_SETTINGS,
+        launch=launch("eval_rule"),
+    log:
+        f"{OUT}/logs/sample/{{gen}}_{{variant}}_final.log",
+    benchmark:
+        f"{OUT}/benchmarks/sample/{{gen}}_{{variant}}_final.tsv"
+    resources:
+        **res("eval_rule"),
+    shell:
+        "{params.launch} sample --config \"$MERGEVQ_CONFIG\" --generator {input.generator} --tokenizer {input.tokenizer} "
+        "--cfg-from {input.sweep} --num-per-class {params.per_class} --out {params.outdir} > {log} 2>&1"
+
+
+rule generation_metrics:
+    # gFID / IS (paper: against ADM's reference statistics; demo: against the validation images in
+    # the demo classifier's features), plus the demo's class consistency and memorisation.
+    input:
+        samples=f"{OUT}/samples/{{gen}}_{{variant}}/{{setting}}/samples.json",
+        classifier=CLASSIFIER,
+        train=codes_of("train"),
+        val=codes_of("val"),
+    output:
+        metrics=f"{OUT}/samples/{{gen}}_{{variant}}/{{setting}}/metrics.json",
+    params:
+        samples=lambda wc, input: str(Path(input.samples).parent),
+        classifier=lambda wc, input: f"--classifier {input.classifier}" if input.classifier else "",
+        settings=config_hash({"fid": config["eval"]["fid"], "weights": config["weights"],
+                              "metrics": GENERATOR.get("metrics")}),
+    log:
+        f"{OUT}/logs/generation_metrics/{{gen}}_{{variant}}_{{setting}}.log",
+    benchmark:
+        f"{OUT}/benchmarks/generation_metrics/{{gen}}_{{variant}}_{{setting}}.tsv"
+    resources:
+        **res("eval_rule"),
+    shell:
+        "mergevq generation-metrics --config \"$MERGEVQ_CONFIG\" --samples {params.samples} {params.classifier} "
+        "--train-codes {input.train} --val-codes {input.val} --out {output.metrics} > {log} 2>&1"
