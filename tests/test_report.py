@@ -136,6 +136,26 @@ def test_table4_sweep_paper_k_and_missing_probe(cfg, metric_files, tmp_path):
     assert pd.read_csv(tmp_path / "tables" / "table4.csv").shape == df.shape
 
 
+def test_table4_per_k_protocol_rows(cfg, metric_files, tmp_path):
+    # tokenizers trained per K (train_per_kept) get their own rows, the protocol named; at the target
+    # K (36 for the demo's G+R) the main tokenizer stands for the per-K one
+    extra = []
+    for k, rfid in ((49, 0.5), (25, 0.7)):
+        rec = sweep_record("G+R", k, 64)
+        rec.update(trained_for_kept=k, tokenizer_sha256=f"per-k-{k}")
+        rec["rfid_gt"]["value"] = rfid
+        extra.append(tmp_path / f"per_kept_{k}.json")
+        write_json(extra[-1], rec)
+    df, notes = tables.build_table4(metric_files["sweep"] + extra, metric_files["probe"], paper("table4"), cfg)
+    per_k = df[df["protocol"] == tables.TRAINED_PER_K].set_index("tokens")
+    assert list(per_k.index) == [49, 36, 25] and set(per_k["variant"]) == {"G+R"}
+    assert per_k.loc[49, "rfid"] == 0.5 and per_k.loc[25, "rfid"] == 0.7
+    sweep = df[(df["protocol"] == tables.INFERENCE_SWEEP) & (df["variant"] == "G+R")].set_index("tokens")
+    assert per_k.loc[36, "rfid"] == sweep.loc[36, "rfid"] and sweep.loc[49, "rfid"] != 0.5
+    assert len(df) == sum(len(v["sweep"]) for v in cfg["tokenizer"]["variants"].values()) + 3
+    assert any(tables.TRAINED_PER_K in n and "--kept" in n for n in notes)
+
+
 def test_table4_refuses_mixed_tokenizers(cfg, metric_files, tmp_path):
     rec = sweep_record("G+R", 49, 64)
     rec["tokenizer_sha256"] = "another"

@@ -190,12 +190,14 @@ def run(args: argparse.Namespace) -> int:
         if args.kept is not None:
             raise ConfigError("--kept has no meaning with --raw-pixels")
         model, variant, kept, encoder, kind = None, None, None, RAW_PIXELS, RAW_PIXELS
-    else:
+    trained_for_kept = None
+    if not args.raw_pixels:
         if args.tokenizer:
             from mergevq.tokenizer import load_tokenizer
 
             model, art = load_tokenizer(args.tokenizer, weights="ema")
             variant, default_kept, encoder = art["variant"], art["kept"], "trained"
+            trained_for_kept = art.get("trained_for_kept")  # Table 4's per-K protocol
         else:
             model = random_init_tokenizer(cfg, args.random_init, seed)
             variant, encoder = args.random_init, "random_init"
@@ -227,6 +229,7 @@ def run(args: argparse.Namespace) -> int:
                                     **common)
     del model
     metrics = {"variant": variant, "kept": kept, "encoder": encoder, "features": kind, "top1": result.top1,
+               "trained_for_kept": trained_for_kept,
                "top1_ci": list(bootstrap_interval(result.val_correct.numpy(), seed=seed)),
                "train_top1": result.train_top1, "epochs": int(lp["epochs"]),
                "steps": result.steps, "batch_size": batch, "lr": float(lp["lr"]), "train_augment": augment,

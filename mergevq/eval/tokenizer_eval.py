@@ -270,7 +270,8 @@ def evaluate_tokenizer(cfg: dict, tokenizer_path: str | Path, kept: int, referen
 
     result = {"variant": art["variant"], "kept": kept, "tokens": model.num_tokens, "num_images": num_images,
               "tokenizer_sha256": sha256_file(tokenizer_path), "config_hash": config_hash(cfg),
-              "tokenizer_step": art.get("step")}
+              "tokenizer_step": art.get("step"),
+              "trained_for_kept": art.get("trained_for_kept")}  # set: Table 4's per-K protocol
     resamples = int(fid_cfg["bootstrap_resamples"])
     for tag in tags:
         result[f"rfid_{tag}"] = bootstrap_fid(feats[tag][fid_layer], feats["orig"][fid_layer], resamples,

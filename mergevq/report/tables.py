@@ -426,15 +426,26 @@ PAPER_TABLE4 = {
 }
 
 
+INFERENCE_SWEEP = "inference sweep"
+TRAINED_PER_K = "trained at K"
+
+
 def build_table4(sweep_jsons: Sequence[str | Path], probe_jsons: Sequence[str | Path],
                  paper_csv: str | Path, cfg: dict) -> Table:
     """One row per (variant, K) of the sweep: rFID (with CI), PSNR, linear-probe top-1 at that K,
     encoder/decoder GMACs, tokens per image; paper values at paper_k from Table 4."""
-    records = read_metrics(sweep_jsons, "sweep")
+    all_records = read_metrics(sweep_jsons, "sweep")
+    # Two protocols: the inference sweep (one tokenizer, K changed at inference: Fig. 3) and, where
+    # `train_per_kept` is on, one tokenizer trained per K (the records carry `trained_for_kept`).
+    records = [r for r in all_records if r.get("trained_for_kept") is None]
+    per_kept = _index([r for r in all_records if r.get("trained_for_kept") is not None],
+                      lambda r: (r["variant"], r["kept"]), "per-K sweep")
     sweep = _sweep_index(records)
-    probes = read_metrics(probe_jsons, "probe")
-    trained = _index([p for p in probes if p["encoder"] == "trained"],
+    probes = [p for p in read_metrics(probe_jsons, "probe") if p["encoder"] == "trained"]
+    trained = _index([p for p in probes if p.get("trained_for_kept") is None],
                      lambda r: (r["variant"], r["kept"]), "linear-probe")
+    per_kept_probe = _index([p for p in probes if p.get("trained_for_kept") is not None],
+                            lambda r: (r["variant"], r["kept"]), "per-K linear-probe")
     paper = pd.read_csv(paper_csv)
     order = {v: i for i, v in enumerate(variants(cfg))}
     for key, rec in [*sweep.items(), *trained.items()]:
@@ -447,25 +458,35 @@ def build_table4(sweep_jsons: Sequence[str | Path], probe_jsons: Sequence[str | 
                               "re-run the sweep so that all K come from one tokenizer")
 
     rows = []
-    for v, k in sorted(set(sweep) | set(trained), key=lambda vk: (order[vk[0]], -vk[1])):
-        rec, probe = sweep.get((v, k)), trained.get((v, k))
-        pk = paper_k(cfg, v, k)
-        row = {"variant": v, "tokens": k, "paper_k": pk}
-        if rec is not None:
-            row.update(_rfid_cells(rec))
-            hat = "ft" if "rfid_ft" in rec else "pred"  # the fine-tuned recovery's S_hat when evaluated
-            row.update({"psnr": rec["psnr_gt"], "rfid_s_hat": rec[f"rfid_{hat}"]["value"],
-                        "psnr_s_hat": rec[f"psnr_{hat}"], "encoder_gmacs": rec["encoder_gmacs"],
-                        "decoder_gmacs": rec["decoder_gmacs"],
-                        "gmacs": rec["encoder_gmacs"] + rec["decoder_gmacs"],
-                        "tokens_per_image": rec["tokens_per_image"]})
-        if probe is not None:
-            row["linear_top1"] = _fraction_to_percent(probe["top1"], probe["_path"], "top1")
-        match = paper[paper["tokens"] == pk]
-        for ours, theirs in PAPER_TABLE4.get(v, {}).items():
-            row[ours] = match[theirs].iloc[0] if len(match) else math.nan
-        rows.append(row)
-    columns = ["variant", "tokens", "paper_k", "rfid", "rfid_ci_low", "rfid_ci_high", "psnr", "rfid_s_hat",
+    protocols = [(INFERENCE_SWEEP, sweep, trained)]
+    if per_kept or per_kept_probe:
+        # at its own target K the main tokenizer is the per-K one (same settings; not retrained)
+        with_per_kept = {v for v, _ in [*per_kept, *per_kept_probe]}
+        targets = {v: target_kept(cfg, v) for v in with_per_kept}
+        per_kept = {**{(v, k): sweep[(v, k)] for v, k in targets.items() if (v, k) in sweep}, **per_kept}
+        per_kept_probe = {**{(v, k): trained[(v, k)] for v, k in targets.items() if (v, k) in trained},
+                          **per_kept_probe}
+        protocols.append((TRAINED_PER_K, per_kept, per_kept_probe))
+    for protocol, sweep_at, probe_at in protocols:
+        for v, k in sorted(set(sweep_at) | set(probe_at), key=lambda vk: (order[vk[0]], -vk[1])):
+            rec, probe = sweep_at.get((v, k)), probe_at.get((v, k))
+            pk = paper_k(cfg, v, k)
+            row = {"variant": v, "protocol": protocol, "tokens": k, "paper_k": pk}
+            if rec is not None:
+                row.update(_rfid_cells(rec))
+                hat = "ft" if "rfid_ft" in rec else "pred"  # the fine-tuned recovery's S_hat when evaluated
+                row.update({"psnr": rec["psnr_gt"], "rfid_s_hat": rec[f"rfid_{hat}"]["value"],
+                            "psnr_s_hat": rec[f"psnr_{hat}"], "encoder_gmacs": rec["encoder_gmacs"],
+                            "decoder_gmacs": rec["decoder_gmacs"],
+                            "gmacs": rec["encoder_gmacs"] + rec["decoder_gmacs"],
+                            "tokens_per_image": rec["tokens_per_image"]})
+            if probe is not None:
+                row["linear_top1"] = _fraction_to_percent(probe["top1"], probe["_path"], "top1")
+            match = paper[paper["tokens"] == pk]
+            for ours, theirs in PAPER_TABLE4.get(v, {}).items():
+                row[ours] = match[theirs].iloc[0] if len(match) else math.nan
+            rows.append(row)
+    columns = ["variant", "protocol", "tokens", "paper_k", "rfid", "rfid_ci_low", "rfid_ci_high", "psnr", "rfid_s_hat",
                "psnr_s_hat", "linear_top1", "encoder_gmacs", "decoder_gmacs", "gmacs", "tokens_per_image",
                "paper_rfid", "paper_linear_top1", "paper_steps", "paper_gflops"]
     df = _intify(pd.DataFrame(rows, columns=columns), ["tokens", "paper_k", "tokens_per_image", "paper_steps"])
@@ -476,10 +497,13 @@ def build_table4(sweep_jsons: Sequence[str | Path], probe_jsons: Sequence[str | 
     shown = [v for v in order if v in set(df["variant"])]
     notes = [
         dataset_note(cfg),
-        "Protocol: one tokenizer per variant, trained with its merge-ratio sampler around its kept count, "
-        "evaluated at every K of its sweep by changing the kept count at inference (as Fig. 3's caption "
-        "describes). The paper's Table 4 caption says 'the number of kept tokens during training', which "
-        "reads as one tokenizer per K; our rows differ from it in that.",
+        f"protocol '{INFERENCE_SWEEP}': one tokenizer per variant, trained with its merge-ratio sampler "
+        "around its kept count, evaluated at every K of its sweep by changing the kept count at inference "
+        f"(Fig. 3's caption). protocol '{TRAINED_PER_K}' (rows only where `train_per_kept` is on): one "
+        "tokenizer per K, its sampler moved to sit around that K (`train-tokenizer --kept K`; at the "
+        "variant's own target K the main tokenizer), as the paper's Table 4 caption reads ('the number of "
+        "kept tokens during training')."
+        + ("" if len(protocols) > 1 else " Only the inference sweep was run (train_per_kept is off)."),
         *fid_notes([r for r in records if r["variant"] in order]),
         "rfid / psnr: with the encoder's S, as the paper's Table 4; rfid_s_hat / psnr_s_hat beside them: with "
         "Source Recovery's S_hat (the fine-tuned recovery's where the sweep was scored with `--recovery`, else "
