@@ -8,11 +8,26 @@ logits of position l over the K tokens are the scaled dot products of the projec
 the projected tokens (Eq. 10). The K tokens get no positional embedding: they are a set, whose
 order carries no information the model could use at inference.
 
+Canonical decoding. The encoder sorts the kept tokens by the first position each covers
+(encoder.order_by_first_position), so a true S is "canonical": token k's first position rises with
+k (token 0 starts at position 0) and every position belongs to a token that starts at or before it.
+Eq. (10)'s per-position argmax ignores this and returns matrices no encoder can produce (a token
+owning nothing, a position given to a token that starts after it). `canonical_owners` is the
+argmax of the same summed log-probabilities over canonical matrices only, exact by dynamic
+programming in O(L K); `predict_source` / `SourceRecovery.predict` decode with it.
+
+Fine-tuning (`mergevq finetune-recovery`, App. A.2, Table A2) writes a recovery.pt: the recovery's
+weights, and optionally a decoder fine-tuned on S_hat; `load_recovery` rebuilds it as a
+`FinetunedRecovery` beside its frozen tokenizer.
+
 Shapes: B batch, K kept tokens, L positions, D code channels (bits), d recovery width.
 """
 from __future__ import annotations
 
+import copy
 import math
+from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
@@ -42,6 +57,52 @@ def source_from_logits(logits: torch.Tensor) -> torch.Tensor:
     owner = logits.argmax(dim=-1)  # (B, L)
     source = torch.zeros(B, K, L, device=logits.device, dtype=torch.float32)
     return source.scatter_(1, owner[:, None, :], 1.0)
+
+
+def canonical_owners(logits: torch.Tensor) -> torch.Tensor:
+    """logits (B, L, K), K <= L -> owners (B, L) int64: the canonical source matrix (module
+    docstring) with the largest sum over positions of log S_hat, S_hat = softmax over K (Eq. 10).
+
+    Eq. (10)'s argmax restricted to the matrices the encoder can produce: token k - 1 starts at
+    position l or l joins the best token already started. value[:, k] is the best score of
+    positions 0..l with tokens 0..k-1 started; Viterbi over l, then back-tracking. Exact: a test
+    checks it against enumeration of every canonical matrix.
+    """
+    B, L, K = logits.shape
+    if K > L:
+        raise ValueError(f"canonical_owners: {K} tokens cannot each own one of {L} positions")
+    s = logits.float().log_softmax(dim=-1)  # (B, L, K)
+    best = s.cummax(dim=-1)  # best.values[..., j]: the best of tokens 0..j, best.indices: which
+    value = s.new_full((B, K + 1), float("-inf"))
+    value[:, 1] = s[:, 0, 0]  # token 0 starts at position 0
+    started = torch.zeros(B, L, K + 1, dtype=torch.bool, device=s.device)
+    started[:, 0, 1] = True
+    pad = s.new_full((B, 1), float("-inf"))
+    for l in range(1, L):
+        start = torch.cat([pad, value[:, :-1] + s[:, l]], dim=1)  # token k - 1 starts at l
+        join = torch.cat([pad, value[:, 1:] + best.values[:, l]], dim=1)  # l joins a started token
+        started[:, l] = start > join
+        value = torch.maximum(start, join)
+    owners = torch.empty(B, L, dtype=torch.long, device=s.device)
+    k = torch.full((B,), K, dtype=torch.long, device=s.device)
+    rows = torch.arange(B, device=s.device)
+    for l in range(L - 1, -1, -1):
+        new = started[rows, l, k]
+        owners[:, l] = torch.where(new, k - 1, best.indices[rows, l, (k - 1).clamp(min=0)])
+        k = k - new.long()
+    return owners
+
+
+def source_from_owners(owners: torch.Tensor, kept: int) -> torch.Tensor:
+    """owners (B, L) int64 -> one-hot source (B, K, L) float32."""
+    B, L = owners.shape
+    source = torch.zeros(B, kept, L, device=owners.device, dtype=torch.float32)
+    return source.scatter_(1, owners[:, None, :], 1.0)
+
+
+def canonical_source(logits: torch.Tensor) -> torch.Tensor:
+    """logits (B, L, K) -> S_hat (B, K, L): the canonical matrix of `canonical_owners`."""
+    return source_from_owners(canonical_owners(logits), logits.shape[-1])
 
 
 def source_recovery_loss(logits: torch.Tensor, source: torch.Tensor, kind: str = "bce",
@@ -121,5 +182,79 @@ class SourceRecovery(nn.Module):
 
     @torch.no_grad()
     def predict(self, quantized: torch.Tensor) -> torch.Tensor:
-        """quantized (B, K, D) -> S_hat (B, K, L) one-hot per position (a valid partition)."""
-        return source_from_logits(self(quantized))
+        """quantized (B, K, D) in canonical order -> S_hat (B, K, L), a canonical source matrix."""
+        return predict_source(self, quantized)
+
+
+def predict_source(recovery: nn.Module, quantized: torch.Tensor, decode: str = "canonical") -> torch.Tensor:
+    """S_hat (B, K, L) of K quantised tokens (B, K, D) given in canonical order (the encoder's,
+    and a generator's slot order), no S needed: what RandAR generation decodes with (Sec. 4.2).
+
+    decode: "canonical" (canonical_source, the default everywhere) or "argmax" (Eq. 10 per
+    position). Codes as indices (B, K) become `quantized` with lfq.indices_to_codes(indices, bits).
+    """
+    logits = recovery(quantized)
+    if decode == "canonical":
+        return canonical_source(logits)
+    if decode == "argmax":
+        return source_from_logits(logits)
+    raise ValueError(f"predict_source: unknown decode {decode!r}; expected 'canonical' or 'argmax'")
+
+
+# ---------------------------------------------------------------------------------------------
+# Fine-tuned Source Recovery (`mergevq finetune-recovery`): the recovery.pt artefact
+
+RECOVERY_FORMAT = "mergevq-recovery/1"
+
+
+class FinetunedRecovery(nn.Module):
+    """A Source Recovery fine-tuned on a frozen tokenizer, with the decoder its S_hat feeds: the
+    one fine-tuned on S_hat when the run trained one (`finetune_decoder`), else the tokenizer's."""
+
+    def __init__(self, recovery: SourceRecovery, decoder: nn.Module, decoder_finetuned: bool):
+        super().__init__()
+        self.recovery, self.decoder, self.decoder_finetuned = recovery, decoder, decoder_finetuned
+
+    @torch.no_grad()
+    def source(self, quantized: torch.Tensor) -> torch.Tensor:
+        """quantized (B, K, D) -> S_hat (B, K, L) (predict_source)."""
+        return predict_source(self.recovery, quantized)
+
+    @torch.no_grad()
+    def decode(self, quantized: torch.Tensor, source: torch.Tensor | None = None) -> torch.Tensor:
+        """quantized (B, K, D) -> images (B, 3, H, W) through S_hat (Eq. 14-15); `source` reuses one
+        already predicted."""
+        source = self.source(quantized) if source is None else source
+        return self.decoder(token_recovery(quantized, source))
+
+
+def recovery_artifact(recovery: SourceRecovery, decoder: nn.Module | None, **meta) -> dict:
+    """What recovery.pt holds: format, the recovery's weights, the S_hat decoder's (or None), and
+    `meta` (variant, tokenizer_sha256, the fine-tuning settings)."""
+    return {"format": RECOVERY_FORMAT, "recovery": recovery.state_dict(),
+            "decoder": None if decoder is None else decoder.state_dict(), **meta}
+
+
+def load_recovery(path: str | Path, tokenizer: nn.Module, tokenizer_sha256: str | None = None) -> FinetunedRecovery:
+    """A recovery.pt (`mergevq finetune-recovery`) beside the tokenizer it was fine-tuned on.
+
+    tokenizer: the loaded MergeVQ (its recovery and decoder are copied, never changed);
+    tokenizer_sha256: that tokenizer's file hash, checked against the one the run recorded.
+    """
+    from mergevq.files import load_checkpoint
+
+    art = load_checkpoint(path, weights_only=False)
+    if not isinstance(art, dict) or art.get("format") != RECOVERY_FORMAT:
+        raise ValueError(f"{path} is not a fine-tuned Source Recovery (format {RECOVERY_FORMAT!r}; made by "
+                         "`mergevq finetune-recovery`)")
+    if tokenizer_sha256 is not None and art.get("tokenizer_sha256") != tokenizer_sha256:
+        raise ValueError(f"{path} was fine-tuned on tokenizer sha256 {str(art.get('tokenizer_sha256'))[:12]}..., "
+                         f"not on this one ({tokenizer_sha256[:12]}...): rerun `mergevq finetune-recovery` "
+                         "on this tokenizer")
+    recovery = copy.deepcopy(tokenizer.recovery)
+    recovery.load_state_dict(art["recovery"])
+    decoder = tokenizer.decoder
+    if art["decoder"] is not None:
+        decoder = copy.deepcopy(tokenizer.decoder)
+        decoder.load_state_dict(art["decoder"])
+    return FinetunedRecovery(recovery, decoder, art["decoder"] is not None).eval()
