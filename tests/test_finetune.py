@@ -15,7 +15,8 @@ from mergevq.tokenizer import build_tokenizer
 TINY = dict(ch=8, num_res_blocks=1, dim=16, depth=2, heads=2, dec_ch=8, dec_num_res_blocks=1, dec_dim=16,
             dec_depth=1, dec_heads=2, rec_dim=16, rec_heads=2, rec_ffn=32)
 PROBE_KEYS = {"variant", "kept", "encoder", "features", "top1", "top1_ci", "train_top1", "epochs", "steps",
-              "batch_size", "lr", "train_augment", "num_train", "num_val", "val_correct"}
+              "batch_size", "lr", "train_augment", "num_train", "num_val", "val_correct",
+              "trained_for_kept"}
 FINETUNE_KEYS = {"variant", "kept", "top1", "epochs", "num_train", "num_val", "lr", "layer_decay"}
 
 

@@ -154,10 +154,16 @@ def test_recovery_errors_name_the_cause(tmp_path, repo_root):
     assert load_recovery(tmp_path / "r.pt", model, "a" * 64).decoder is model.decoder
     with pytest.raises(FileNotFoundError, match="stage-1 model.pt"):
         _finetune(_config(tmp_path, repo_root), tmp_path / "missing.pt", tmp_path / "out")
-    with pytest.raises(ConfigError, match="augment.fraction"):
-        from mergevq.train.recovery import check_settings
+    from mergevq.train.recovery import check_settings, finetune_steps
 
+    with pytest.raises(ConfigError, match="augment.fraction"):
         check_settings({"source_type": "bce", "augment": {"fraction": 0.0}})
+    assert finetune_steps({"epochs": 3, "batch_size": 64}, 1437, "G") == 3 * 22
+    assert finetune_steps({"epochs": {"G": 2, "R": 5}, "batch_size": 64}, 1437, "R") == 5 * 22
+    with pytest.raises(ConfigError, match="no entry for variant 'G\\+R'"):
+        finetune_steps({"epochs": {"G": 2}, "batch_size": 64}, 1437, "G+R")
+    with pytest.raises(ConfigError, match="exceeds"):
+        finetune_steps({"epochs": 1, "batch_size": 2048}, 1437, "G")
     with pytest.raises(ConfigError):  # the schema refuses an unknown key
         _finetune(_config(tmp_path, repo_root, warmup=3), _tokenizer_file(tmp_path), tmp_path / "out")
 

@@ -21,7 +21,8 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 SNAKEMAKE = Path(sys.executable).parent / "snakemake"
 
-# Writes what a job declares: `--out X` / `--json X` (a directory gets model.pt), and a table's .md twin.
+# Writes what a job declares: `--out X` / `--json X` (a directory gets model.pt, or a code split's
+# manifest, or a sample folder's files), and a table's .md twin.
 STAND_IN = textwrap.dedent(f"""\
     #!{sys.executable}
     import os, sys, yaml
@@ -35,11 +36,17 @@ STAND_IN = textwrap.dedent(f"""\
     for flag in ("--out", "--json"):
         if flag in args:
             out = Path(args[args.index(flag) + 1])
-            target = out if out.suffix else out / "model.pt"
-            target.parent.mkdir(parents=True, exist_ok=True)
-            target.write_text(" ".join(args))
-            if args[0] == "table":
-                out.with_suffix(".md").write_text(" ".join(args))
+            if args[0] == "extract-codes":
+                targets = [out / (args[args.index("--split") + 1] + ".json")]
+            elif args[0] == "sample":  # a folder such as cfg1.5
+                targets = [out / name for name in ("samples.json", "samples.npz", "codes.pt")]
+            elif out.suffix:
+                targets = [out] + ([out.with_suffix(".md")] if args[0] == "table" else [])
+            else:
+                targets = [out / "model.pt"]
+            for target in targets:
+                target.parent.mkdir(parents=True, exist_ok=True)
+                target.write_text(" ".join(args))
     """)
 
 

@@ -64,19 +64,26 @@ def check_settings(settings: dict, where: str = "generator.recovery_finetune") -
         raise ConfigError(f"{where}.augment.fraction: {aug['fraction']} is not in (0, 1]")
 
 
-def finetune_steps(settings: dict, num_images: int) -> int:
-    """Optimiser steps of `epochs` passes over `num_images` at the global batch size."""
+def finetune_steps(settings: dict, num_images: int, variant: str) -> int:
+    """Optimiser steps of `epochs` passes over `num_images` at the global batch size; `epochs` is
+    one number or one per variant ({G: 2, G+R: 16, ...})."""
+    epochs = settings["epochs"]
+    if isinstance(epochs, dict):
+        if variant not in epochs:
+            raise ConfigError(f"generator.recovery_finetune.epochs has no entry for variant {variant!r} "
+                              f"(it has {sorted(epochs)})")
+        epochs = epochs[variant]
     per_epoch = num_images // int(settings["batch_size"])
     if per_epoch < 1:
         raise ConfigError(f"generator.recovery_finetune.batch_size {settings['batch_size']} exceeds the "
                           f"{num_images} training images")
-    return int(settings["epochs"]) * per_epoch
+    return int(epochs) * per_epoch
 
 
 class RecoveryFinetuneStage:
     """Source-Recovery fine-tuning of one stage-1 tokenizer; a Stage of mergevq.train.loop.fit."""
 
-    def __init__(self, cfg: dict, tokenizer_path: str | Path, total_steps: int, dist: DistEnv):
+    def __init__(self, cfg: dict, tokenizer_path: str | Path, num_images: int, dist: DistEnv):
         from mergevq.eval.fidelity import sha256_file
 
         self.cfg, self.dist, self.device = cfg, dist, dist.device
@@ -91,6 +98,7 @@ class RecoveryFinetuneStage:
                               f"does not match tokenizer.variants.{self.variant} ({vc['tokens']} tokens) at "
                               f"data.resolution {cfg['data']['resolution']}")
         self.tokenizer_sha256 = sha256_file(tokenizer_path)
+        self.total_steps = total_steps = finetune_steps(self.settings, num_images, self.variant)
         self.kept_target = int(art["kept"])
         self.sampler = MergeRatioSampler.from_config(vc["merge_sampling"])
         self.recon_type = vc["loss"]["recon_type"]
@@ -205,9 +213,9 @@ def run(args: argparse.Namespace) -> int:
         raise FileNotFoundError(f"tokenizer not found: {args.tokenizer} (a stage-1 model.pt from `mergevq train-tokenizer`)")
     dist = DistEnv.from_env()
     dataset = build_dataset(cfg, "train", transform="train")
-    steps = finetune_steps(settings, len(dataset))
     torch.manual_seed(cfg["seed"])
-    stage = RecoveryFinetuneStage(cfg, args.tokenizer, steps, dist)
+    stage = RecoveryFinetuneStage(cfg, args.tokenizer, len(dataset), dist)
+    steps = stage.total_steps
     loop = LoopConfig(total_steps=steps, batch_size=int(settings["batch_size"]), seed=cfg["seed"],
                       log_every=max(1, min(50, steps // 20)), val_every=max(1, steps // 4),
                       ckpt_every=max(1, steps // 4), max_steps=args.max_steps,
