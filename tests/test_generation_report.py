@@ -76,7 +76,38 @@ def test_table5_appends_generator_rows(cfg, tmp_path):
     assert math.isnan(gen[gen["version"] == "(G)+LlamaGen"].iloc[0]["gfid"])
     # without generation files: the paper's generator rows, ours empty
     empty = tables.build("table5", [], cfg).frame
-    assert empty["gfid"].isna().all() and empty["paper_gfid"].notna().sum() == 2
+    # the paper's four generator rows: (G+R)+RandAR, (G+R)+LlamaGen, (G)+LlamaGen, (G)+MergeAR
+    assert empty["gfid"].isna().all() and empty["paper_gfid"].notna().sum() == 4
+
+
+def mergear_randar_records(tmp_path):
+    write_json(tmp_path / "m.json", {**generation_record("mergear_G+R", 2.2), "generator_kind": "mergear"})
+    rec = generation_record("randar_G+R", 2.0)
+    rec["settings"]["generate"] = {"steps": 16, "cfg_schedule": "linear"}
+    write_json(tmp_path / "r.json", {**rec, "generator_kind": "randar"})
+    return [tmp_path / "m.json", tmp_path / "r.json"]
+
+
+def test_table3_fills_mergear_and_randar_rows(cfg, tmp_path):
+    table = tables.build("table3", mergear_randar_records(tmp_path), cfg)
+    df = table.frame
+    ours = df[df["gfid"].notna()].set_index("generator")
+    assert len(df) == 37 and set(ours.index) == {"MergeAR (Ours)", "RandAR-L-cfg"}
+    m, r = ours.loc["MergeAR (Ours)"], ours.loc["RandAR-L-cfg"]
+    # MergeAR: the paper's (G+R) 256-step row, our 64 raster steps; RandAR: the (G+R) row, our T = 16
+    assert (m["tokenizer"], m["paper_steps"], m["steps"], m["gfid"]) == ("MergeVQ (G+R)", 256, 64, 2.2)
+    assert (r["tokenizer"], r["paper_steps"], r["steps"], r["gfid"]) == ("MergeVQ (G+R)", 64, 16, 2.0)
+    assert "randar_G+R: CFG ramped linearly from 1 to 3" in " ".join(table.notes)
+
+
+def test_table5_mergear_and_randar_rows(cfg, tmp_path):
+    df = tables.build("table5", mergear_randar_records(tmp_path), cfg).frame.set_index("version")
+    r = df.loc["(G+R)+RandAR"]
+    # RandAR emits the K = 36 merged codes (the paper's 144), placed by the fine-tuned recovery
+    assert (r["tokens"], r["paper_k"], r["gfid"], r["paper_gfid"]) == (36, 144, 2.0, 2.63)
+    assert r["recovery"] == "fine-tuned Source Recovery"
+    m = df.loc["(G+R)+MergeAR"]  # no paper row at G+R: ours alone
+    assert m["tokens"] == 64 and m["gfid"] == 2.2 and math.isnan(m["paper_gfid"])
 
 
 def sample_folder(root, name: str, num_classes: int = 10, per_class: int = 3):

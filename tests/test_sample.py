@@ -40,7 +40,7 @@ def sample(artefacts, repo_root, out, **kw):
     args = dict(config=str(repo_root / "config" / "demo.yaml"), generator=str(artefacts / "gen.pt"),
                 tokenizer=str(artefacts / "tok.pt"), out=str(out), num_per_class=2, cfg=2.0, cfg_from=None,
                 temperature=None, top_k=None, top_p=None, seed=None, batch_size=7, no_cache=False, shard=0,
-                num_shards=1, combine_only=False, set=[])
+                num_shards=1, combine_only=False, set=[], recovery=None)
     args.update(kw)
     assert run(argparse.Namespace(**args)) == 0
     return out

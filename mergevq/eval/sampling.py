@@ -14,8 +14,17 @@ batch; the combine step (the main process after the others, or --combine-only) w
   DIR/codes.pt             codes (N, seq) int64, labels (N,), what generated them
   DIR/samples.json         settings, provenance, decoding tokens/s (written last)
 
-`mergevq sample --config C --generator M --tokenizer T --out DIR [--num-per-class N] [--cfg S]
- [--cfg-from SWEEP.json ...] [--temperature T] [--top-k K] [--top-p P] [--seed S] [--no-cache]`.
+Per generator kind (`generate_kwargs`, `decode_generated`):
+  llamagen  L codes in raster order, decoded per position (Eq. 14 with S the identity);
+  mergear   L codes in raster order at kept = the variant's target K (M(K)), pruned KV cache;
+            decoded like LlamaGen (x_l is the code at position l: no S is needed);
+  randar    the K merged codes in slot order, RandAR's parallel schedule in
+            generator.randar.decode_steps[variant] steps with the CFG scale ramped linearly from 1;
+            decoded through Source Recovery's S_hat (--recovery: a `finetune-recovery` artefact,
+            its S_hat decoder; without it the tokenizer's stage-1 recovery and decoder).
+
+`mergevq sample --config C --generator M --tokenizer T --out DIR [--recovery R] [--num-per-class N]
+ [--cfg S] [--cfg-from SWEEP.json ...] [--temperature T] [--top-k K] [--top-p P] [--seed S] [--no-cache]`.
 """
 from __future__ import annotations
 
@@ -33,7 +42,8 @@ from mergevq.config import ConfigError, load_config
 from mergevq.data.datasets import to_uint8
 from mergevq.eval.fidelity import sha256_file
 from mergevq.files import atomic_path, load_checkpoint, torch_save, write_json
-from mergevq.generator.codes import decode_positions
+from mergevq.generator.codes import decode_merged, decode_positions
+from mergevq.tokenizer.lfq import indices_to_codes
 from mergevq.tokenizer import load_tokenizer
 
 SAMPLES_FORMAT = "mergevq-samples/1"
@@ -62,14 +72,37 @@ def load_generator_artifact(path: str | Path, map_location="cpu"):
     return model.eval(), art
 
 
-def decode_generated(kind: str, tokenizer, codes: torch.Tensor) -> torch.Tensor:
+def decode_generated(kind: str, tokenizer, codes: torch.Tensor, recovery=None) -> torch.Tensor:
     """Generated codes (B, N) -> images (B, 3, H, W) in [-1, 1], one sample at a time.
 
+    llamagen / mergear: N = L codes in raster order, decoded per position. randar: N = K merged
+    codes in slot (canonical) order: S_hat from `recovery` (a FinetunedRecovery: its recovery and
+    the decoder it feeds) or, when None, the tokenizer's own Source Recovery (Eq. 9-10, 14-15).
     One at a time because convolution kernels pick their blocking by batch size, and the float
     differences that makes (~1e-6) flip a few uint8 pixels: an image must not depend on its batch."""
-    if kind == "llamagen":  # raster order over the L grid positions
+    if kind in ("llamagen", "mergear"):  # raster order over the L grid positions
         return torch.cat([decode_positions(tokenizer, c[None]) for c in codes])
+    if kind == "randar":
+        if recovery is None:
+            return torch.cat([decode_merged(tokenizer, c[None]) for c in codes])
+        bits = tokenizer.config.bits
+        return torch.cat([recovery.decode(indices_to_codes(c[None], bits)).float().clamp(-1, 1) for c in codes])
     raise ValueError(f"no decoding for generator kind {kind!r}")
+
+
+def generate_kwargs(cfg: dict, kind: str, variant: str) -> dict:
+    """The kind-specific arguments of `generate` that sampling uses (recorded in samples.json)."""
+    from mergevq.train.generator import inference_kept
+
+    if kind == "mergear":
+        return {"kept": inference_kept(cfg, kind, variant)}
+    if kind == "randar":
+        steps = (cfg["generator"].get("randar", {}).get("decode_steps") or {}).get(variant)
+        if steps is None:
+            raise ConfigError(f"generator.randar.decode_steps.{variant}: missing (RandAR's parallel decoding "
+                              "steps T, Table 3: 64 for N = 144, 88 for N = 256)")
+        return {"steps": int(steps), "cfg_schedule": "linear"}
+    return {}
 
 
 def select_cfg(sweep_jsons) -> tuple[float, list[dict]]:
@@ -105,7 +138,7 @@ def _save_png(image: torch.Tensor, path: Path) -> None:
 
 @torch.no_grad()
 def generate_samples(model, tokenizer, labels: torch.Tensor, out: Path, settings: dict, worker: int = 0,
-                     workers: int = 1, device=None, progress: bool = True) -> dict:
+                     workers: int = 1, device=None, progress: bool = True, recovery=None) -> dict:
     """Generate and save every batch of this worker that is not done yet; returns timing."""
     device = device or torch.device("cpu")
     kind = model.config.kind
@@ -119,12 +152,13 @@ def generate_samples(model, tokenizer, labels: torch.Tensor, out: Path, settings
         t0 = time.perf_counter()
         codes = model.generate(y, cfg_scale=settings["cfg_scale"], temperature=settings["temperature"],
                                top_k=settings["top_k"], top_p=settings["top_p"],
-                               seeds=sample_seeds(settings["seed"], idx), use_cache=settings["use_cache"])
+                               seeds=sample_seeds(settings["seed"], idx), use_cache=settings["use_cache"],
+                               **settings.get("generate", {}))
         if device.type == "cuda":
             torch.cuda.synchronize()
         gen_time += time.perf_counter() - t0
         tokens += codes.numel()
-        images = to_uint8(decode_generated(kind, tokenizer, codes)).cpu()
+        images = to_uint8(decode_generated(kind, tokenizer, codes, recovery)).cpu()
         for i, image in zip(idx.tolist(), images):
             _save_png(image, out / "images" / f"{i:06d}.png")
         torch_save({"indices": idx, "codes": codes.cpu(), "labels": y.cpu()}, _batch_file(out, b))
@@ -159,6 +193,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", required=True)
     parser.add_argument("--generator", required=True, help="trained generator model.pt")
     parser.add_argument("--tokenizer", required=True, help="the stage-1 model.pt whose codes the generator learned")
+    parser.add_argument("--recovery", default=None,
+                        help="RandAR: the fine-tuned Source Recovery (recovery/model.pt) whose S_hat places the codes")
     parser.add_argument("--out", required=True, help="sample folder (images/, samples.npz, codes.pt, samples.json)")
     parser.add_argument("--num-per-class", type=int, default=None,
                         help="samples per class (default generator.sampling.num_per_class)")
@@ -209,12 +245,24 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"{args.generator} was trained on codes of tokenizer sha256 "
                          f"{art['codes']['tokenizer_sha256'][:16]}..., but {args.tokenizer} is {tok_sha[:16]}...")
     model, tokenizer = model.to(dist.device), tokenizer.to(dist.device)
+    kind = model.config.kind
+    extra = generate_kwargs(cfg, kind, art.get("codes", {}).get("variant"))
+    if extra:
+        settings["generate"] = extra
+    recovery = None
+    if args.recovery is not None:
+        if kind != "randar":
+            raise ValueError(f"--recovery places merged codes; {args.generator} is a {kind} generator of all L positions")
+        from mergevq.tokenizer.recovery import load_recovery
+
+        recovery = load_recovery(args.recovery, tokenizer, tok_sha).to(dist.device)
+        settings["recovery_sha256"] = sha256_file(args.recovery)
     num_classes = model.config.num_classes
     labels = sample_labels(num_classes, settings["num_per_class"])
     meta = {"format": SAMPLES_FORMAT, "settings": settings, "generator": str(args.generator),
             "generator_sha256": sha256_file(args.generator), "generator_kind": model.config.kind,
             "generator_name": art.get("name"), "generator_params": sum(p.numel() for p in model.parameters()),
-            "tokenizer": str(args.tokenizer), "tokenizer_sha256": tok_sha,
+            "tokenizer": str(args.tokenizer), "tokenizer_sha256": tok_sha, "recovery": args.recovery,
             "num_classes": num_classes, "cfg_sweep": sweep}
     # a folder holds one setting: refuse to mix batches of another run into it
     stamp = out / "parts" / "settings.json"
@@ -230,7 +278,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         if not args.combine_only:
             timing = generate_samples(model, tokenizer, labels, out, settings, worker, workers, dist.device,
-                                      progress=dist.is_main)
+                                      progress=dist.is_main, recovery=recovery)
             if timing["generate_seconds"] > 0:
                 meta["decode_tokens_per_s"] = timing["tokens"] / timing["generate_seconds"]
                 meta["decode_tokens_per_s_note"] = (

@@ -204,3 +204,56 @@ class CodeDataset(Dataset):
         """Everything at once: indices (N, A, K), owner (N, A, L), labels (N,), int64."""
         cat = lambda key: torch.cat([s[key] for s in self.shards]).long()  # noqa: E731
         return CodeShard(cat("indices"), cat("owner"), cat("labels"))
+
+
+class MultiKCodeDataset(Dataset):
+    """The codes of one split at several K (one `extract-codes` manifest per K, same tokenizer and
+    images): item i -> (indices (J, A, Kmax) int64, zero-padded past each K, owner (J, A, L) int64,
+    label) over the J manifests in ascending K. MergeAR trains with K drawn per image from the
+    stage-2 merge-ratio sampler; the generator stage picks one of the J rows per sample and step
+    (owner alone gives that row's K: owner.max() + 1, every merged token owning a position).
+    """
+
+    def __init__(self, paths):
+        parts = sorted((CodeDataset(p) for p in paths), key=lambda d: d.kept)
+        if not parts:
+            raise ValueError("MultiKCodeDataset: no code manifests given")
+        ks = [d.kept for d in parts]
+        if len(set(ks)) != len(ks):
+            raise ValueError(f"code manifests {[str(d.path) for d in parts]} repeat a K: {ks}")
+        first = parts[0]
+        for d in parts[1:]:
+            for key in ("tokens", "num_images", "augmentations", "split", "bits", "grid"):
+                if d.manifest.get(key) != first.manifest.get(key):
+                    raise ValueError(f"{d.path} and {first.path} disagree on {key}: "
+                                     f"{d.manifest.get(key)!r} vs {first.manifest.get(key)!r}")
+            if d.manifest["tokenizer"]["sha256"] != first.manifest["tokenizer"]["sha256"]:
+                raise ValueError(f"{d.path} and {first.path} come from different tokenizers")
+            if not torch.equal(d.tensors().labels, first.tensors().labels):
+                raise ValueError(f"{d.path} and {first.path} hold different images (labels differ)")
+        self.parts, self.path = parts, first.path
+        self.kept_values = ks
+        self.manifest = {**first.manifest, "kept": ks, "manifests": [str(d.path) for d in parts]}
+
+    @property
+    def kept(self) -> list[int]:
+        return list(self.kept_values)
+
+    @property
+    def tokens(self) -> int:
+        return self.parts[0].tokens
+
+    def __len__(self) -> int:
+        return len(self.parts[0])
+
+    def __getitem__(self, i: int):
+        kmax = self.kept_values[-1]
+        items = [d[i] for d in self.parts]
+        indices = torch.stack([torch.nn.functional.pad(x[0], (0, kmax - x[0].shape[-1])) for x in items])
+        return indices, torch.stack([x[1] for x in items]), items[0][2]
+
+
+def open_codes(paths) -> "CodeDataset | MultiKCodeDataset":
+    """One manifest -> CodeDataset; several (one per K) -> MultiKCodeDataset."""
+    paths = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
+    return CodeDataset(paths[0]) if len(paths) == 1 else MultiKCodeDataset(paths)

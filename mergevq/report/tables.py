@@ -595,8 +595,22 @@ def build_table5(sweep_jsons: Sequence[str | Path], paper_csv: str | Path, cfg: 
 # the final sample sets, one per (generator, tokenizer variant))
 
 # Our generator kind -> the paper's generator name in Table 3 / Table 5 rows of the same method.
-PAPER_GENERATOR = {"llamagen": "LlamaGen-L"}
-GENERATOR_LABEL = {"llamagen": "LlamaGen"}
+PAPER_GENERATOR = {"llamagen": "LlamaGen-L", "mergear": "MergeAR (Ours)", "randar": "RandAR-L-cfg"}
+GENERATOR_LABEL = {"llamagen": "LlamaGen", "mergear": "MergeAR", "randar": "RandAR"}
+GENERATOR_TYPE = {"llamagen": "AR (raster)", "mergear": "AR (raster)", "randar": "AR (random)"}
+
+
+def generated_tokens(kind: str, cfg: dict, variant: str) -> int:
+    """Codes a generator emits per image: L (LlamaGen, MergeAR: raster over the grid), K (RandAR)."""
+    v = cfg["tokenizer"]["variants"][variant]
+    return int(v["kept"] if kind == "randar" else v["tokens"])
+
+
+def decoding_steps(kind: str, r: dict, cfg: dict, variant: str) -> int:
+    """Our decoding steps: one code per step (LlamaGen, MergeAR), RandAR's parallel schedule's T."""
+    if kind == "randar":
+        return int(r["settings"]["generate"]["steps"])
+    return generated_tokens(kind, cfg, variant)
 
 
 def _generation_index(records: list[dict], cfg: dict) -> dict:
@@ -643,7 +657,10 @@ def generation_notes(records: list[dict], cfg: dict) -> list[str]:
     for r in records:
         sweep = r.get("cfg_sweep") or []
         s = r["settings"]
-        text = (f"{r['generator_name']}: constant CFG scale {s['cfg_scale']:g} (lowest gFID of the sweep), "
+        ramp = (r.get("generator_kind") == "randar"
+                and (s.get("generate") or {}).get("cfg_schedule") == "linear")
+        text = (f"{r['generator_name']}: {'CFG ramped linearly from 1 to' if ramp else 'constant CFG scale'} "
+                f"{s['cfg_scale']:g} (lowest gFID of the sweep), "
                 f"temperature {s['temperature']:g}, top-k {s['top_k']}, top-p {s['top_p']}")
         if sweep:
             cells = []
@@ -684,15 +701,17 @@ def build_table3(generation_jsons: Sequence[str | Path], paper_csv: str | Path, 
                "paper_params_m": p["params"], "paper_steps": p["steps"], "paper_gfid": p["gfid"], "paper_is": p["is"]}
         for (kind, v), r in ours.items():
             tokens = cfg["tokenizer"]["variants"][v]["tokens"]
+            # raster rows match at the paper's steps scaled like the grid; RandAR's one row per tokenizer
+            # (its steps T are the schedule's, Table 3's 64 for N = 144 scaled with N here)
             if (p["tokenizer"] == method_name(v) and p["generator"] == PAPER_GENERATOR[kind]
-                    and p["steps"] == paper_k(cfg, v, tokens)):
-                row.update(steps=tokens, **_generation_cells(r))
+                    and (kind == "randar" or p["steps"] == paper_k(cfg, v, tokens))):
+                row.update(steps=decoding_steps(kind, r, cfg, v), **_generation_cells(r))
                 used.add((kind, v))
         rows.append(row)
     for (kind, v), r in ours.items():  # e.g. (G)+LlamaGen: Table 5 has its paper gFID, Table 3 no row
         if (kind, v) not in used:
-            rows.append({"type": "AR (raster)", "tokenizer": method_name(v), "generator": GENERATOR_LABEL[kind],
-                         "steps": cfg["tokenizer"]["variants"][v]["tokens"], **_generation_cells(r)})
+            rows.append({"type": GENERATOR_TYPE[kind], "tokenizer": method_name(v), "generator": GENERATOR_LABEL[kind],
+                         "steps": decoding_steps(kind, r, cfg, v), **_generation_cells(r)})
     columns = ["type", "tokenizer", "generator", "paper_params_m", "paper_steps", "paper_gfid", "paper_is", "steps",
                "params_m", "gfid", "is", "cfg_scale", "num_samples", "class_consistency", "near_duplicate_percent",
                "val_near_duplicate_percent"]
@@ -703,11 +722,14 @@ def build_table3(generation_jsons: Sequence[str | Path], paper_csv: str | Path, 
              f"{data['resolution']}x{data['resolution']}; generators are trained on the tokenizer's codes of the "
              "training images. Paper: ImageNet-1K, 1,000 classes, 256x256.",
              "Paper columns: Table 3 as printed (params in millions; steps = decoding steps). Ours fill the "
-             "rows with our tokenizer and generator; the MergeAR and RandAR rows stay empty until those "
-             "generators are trained (never filled in).",
-             "steps: our decoding steps, one code per step over the L grid positions (LlamaGen at K = L, as "
-             "the authors' stage-2 configs), matched with the paper's row of the same tokenizer, generator and "
-             "steps at the same share of the grid (" + "; ".join(
+             "rows with our tokenizer and generator; a row without ours has no trained generator in this "
+             "config (never filled in).",
+             "steps: our decoding steps. LlamaGen (at K = L, as the authors' stage-2 configs) and MergeAR "
+             "(sampled at the variant's target K, its M(K); pruned KV cache) emit one code per step over the L "
+             "grid positions, matched with the paper's row of the same tokenizer, generator and steps at the "
+             "same share of the grid; RandAR emits the K merged codes in its parallel schedule's T steps "
+             "(decode_steps; Table 3's 64 for N = 144, 88 for N = 256, scaled with N) with the CFG scale "
+             "ramped linearly from 1, and Source Recovery's S_hat places them (" + "; ".join(
                  f"{v}: L = {cfg['tokenizer']['variants'][v]['tokens']} here, {PAPER_TOKENS.get(v)} in the paper"
                  for v in shown) + ").",
              *generation_notes(list(ours.values()), cfg)]
@@ -716,7 +738,8 @@ def build_table3(generation_jsons: Sequence[str | Path], paper_csv: str | Path, 
 
 def add_generator_rows_table5(table: Table, generation_jsons: Sequence[str | Path], paper_csv: str | Path,
                               cfg: dict) -> Table:
-    """Table 5's generator rows "(V)+LlamaGen" (no recovery: the generator sees all L positions),
+    """Table 5's generator rows "(V)+LlamaGen", "(V)+MergeAR" (no recovery: the generator emits all L
+    positions) and "(V)+RandAR" (K merged codes placed by the fine-tuned Source Recovery's S_hat),
     gFID ours beside the paper's, appended to the stage-1 rows."""
     records = read_metrics(generation_jsons, "generation")
     ours = _generation_index(records, cfg)
@@ -725,13 +748,14 @@ def add_generator_rows_table5(table: Table, generation_jsons: Sequence[str | Pat
     for v in variants(cfg):
         for kind in PAPER_GENERATOR:
             r = ours.get((kind, v))
-            tokens = cfg["tokenizer"]["variants"][v]["tokens"]
+            tokens = generated_tokens(kind, cfg, v)
             pk = paper_k(cfg, v, tokens)
             version = f"({v})+{GENERATOR_LABEL[kind]}"
             match = paper[(paper["version"] == version) & (paper["tokens"] == pk)]
             if r is None and not len(match):
                 continue
-            row = {"version": version, "recovery": "none", "tokens": tokens, "paper_k": pk,
+            recovery = "fine-tuned Source Recovery" if kind == "randar" else "none"
+            row = {"version": version, "recovery": recovery, "tokens": tokens, "paper_k": pk,
                    "paper_gfid": match["gfid"].iloc[0] if len(match) else math.nan}
             if r is not None:
                 row["gfid"] = r["gfid"]
@@ -741,9 +765,12 @@ def add_generator_rows_table5(table: Table, generation_jsons: Sequence[str | Pat
     frame = pd.concat([table.frame, pd.DataFrame(rows)], ignore_index=True)
     columns = list(table.frame.columns) + [c for c in ("gfid", "paper_gfid") if c not in table.frame.columns]
     frame = _intify(frame.reindex(columns=columns), ["tokens", "paper_k"])
-    notes = table.notes + ["Generator rows: gFID of class-conditional samples of a generator trained on the "
-                           "tokenizer's codes at K = L (no merging, no recovery), at the CFG scale of its "
-                           "lowest sweep gFID; a paper row without ours has no trained generator here."]
+    notes = table.notes + ["Generator rows: gFID of class-conditional samples at the CFG scale of the lowest "
+                           "sweep gFID. LlamaGen trains on the codes at K = L; MergeAR on the L per-position "
+                           "codes at K drawn per image (stage-2 sampler) and samples at the target K (tokens = "
+                           "the L codes it emits; no recovery); RandAR on the target K merged codes, decoded "
+                           "through the fine-tuned Source Recovery's S_hat (tokens = K). A paper row without "
+                           "ours has no trained generator here."]
     notes += generation_notes(list(ours.values()), cfg)
     return Table(frame, notes)
 

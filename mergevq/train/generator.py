@@ -7,12 +7,21 @@ sub-tokens (the factorised 2^bits head), labels dropped to the null class with p
 step (weight decay on matrices and embeddings only, as LlamaGen), gradient clipping, the step /
 cosine schedule, an optional EMA. Telemetry: loss per sub-token, tokens/s.
 
-What the generator reads (`sequence`): LlamaGen the code of every grid position in raster order
-(`position_indices`; at K = L, the paper's LlamaGen baseline, these are the K codes themselves).
+What the generator reads (`sequence`, `model_inputs`):
+  llamagen  the code of every grid position in raster order (`position_indices`; at K = L, the
+            paper's LlamaGen baseline, these are the K codes themselves);
+  mergear   the same L per-position codes x_l = code of position l's owner (Sec. 4.1), at a K drawn
+            per sample and step from the stage-2 merge-ratio sampler (`generator.mergear.
+            merge_sampling.<variant>`, Fig. 5: G+R (12 + T)^2 in [144, 256], G (16 + T)^2 in
+            [256, 1024]) among codes extracted once per K of its support (`MultiKCodeDataset`);
+            the model gets kept = K (its merge instruction M(K)) and builds the Eq. (16) mask
+            from the codes (code-first-occurrence rule, `mergevq.generator.mergear`);
+  randar    the K merged codes in canonical slot order (Sec. 4.2) at the variant's target K; the
+            model draws a random slot permutation per sample (global RNG, so resume stays exact).
 
-`mergevq train-generator --config C --generator llamagen --variant V --codes TRAIN.json
- [--val-codes VAL.json] --out DIR [--max-steps N]`: DIR/model.pt (+ last.ckpt, metrics.csv,
-val.csv, run.json).
+`mergevq train-generator --config C --generator llamagen|mergear|randar --variant V
+ --codes TRAIN.json [TRAIN_K2.json ...] [--val-codes VAL.json] --out DIR [--max-steps N]`:
+DIR/model.pt (+ last.ckpt, metrics.csv, val.csv, run.json).
 """
 from __future__ import annotations
 
@@ -27,13 +36,14 @@ import torch
 import torch.nn as nn
 
 from mergevq.config import ConfigError, config_hash, load_config
-from mergevq.generator.codes import CodeDataset, position_indices
+from mergevq.data.merge_sampling import MergeRatioSampler
+from mergevq.generator.codes import CodeDataset, open_codes, position_indices
 from mergevq.train.distributed import DistEnv
 from mergevq.train.ema import ModelEMA
 from mergevq.train.loop import LoopConfig, fit
 from mergevq.train.schedule import lr_lambda
 
-GENERATORS = ("llamagen",)
+GENERATORS = ("llamagen", "mergear", "randar")
 ARTIFACT_FORMAT = "mergevq-generator/1"
 
 
@@ -47,7 +57,8 @@ def generator_settings(cfg: dict, generator: str) -> dict:
 
 def generator_hash(cfg: dict, generator: str) -> str:
     """What a trained generator depends on besides its codes: its block, the data's classes, the seed."""
-    return config_hash({"generator": generator_settings(cfg, generator), "seed": cfg["seed"],
+    settings = {k: v for k, v in generator_settings(cfg, generator).items() if k != "decode_steps"}  # sampling only
+    return config_hash({"generator": settings, "seed": cfg["seed"],
                         "num_classes": cfg["data"]["num_classes"]})
 
 
@@ -58,10 +69,67 @@ def resume_hash(cfg: dict, generator: str, codes: CodeDataset) -> str:
 
 
 def sequence(generator: str, indices: torch.Tensor, owner: torch.Tensor) -> torch.Tensor:
-    """What `generator` is trained on: indices (B, K) merged codes, owner (B, L) -> (B, N) codes."""
-    if generator == "llamagen":
+    """What `generator` is trained on: indices (B, K) merged codes (zero padding past K is never
+    read: owner < K), owner (B, L) -> (B, N) codes."""
+    if generator in ("llamagen", "mergear"):
         return position_indices(indices, owner)  # raster order over the L grid positions
+    if generator == "randar":
+        return indices  # the K merged tokens in canonical slot order
     raise ValueError(f"unknown generator {generator!r}; built: {GENERATORS}")
+
+
+def model_inputs(generator: str, indices: torch.Tensor, owner: torch.Tensor) -> tuple[torch.Tensor, dict]:
+    """(codes, kind-specific keyword arguments of model.loss / teacher_forced_logits)."""
+    codes = sequence(generator, indices, owner)
+    if generator == "mergear":  # the merge instruction M(K): K = owner.max() + 1 (S is a partition)
+        return codes, {"kept": owner.amax(1) + 1}
+    return codes, {}
+
+
+def keep_rule_report(codes) -> dict:
+    """How often MergeAR's code rule (keep = first occurrence of the code) and the owner rule (first
+    position of the merged group, Eq. 16 read on S) disagree on these training codes, per K: the
+    share of positions and of sequences with any disagreement (first stored view of each image)."""
+    from mergevq.generator.mergear import keep_by_code, keep_by_owner
+
+    parts = codes.parts if hasattr(codes, "parts") else [codes]
+    report = {}
+    for part in parts:
+        data = part.tensors()
+        idx, owner = data.indices[:, 0], data.owner[:, 0]
+        differ = keep_by_code(position_indices(idx, owner)) != keep_by_owner(owner)
+        report[str(part.kept)] = {"positions": float(differ.float().mean()),
+                                  "sequences": float(differ.any(1).float().mean()), "images": len(owner)}
+    return report
+
+
+def kept_sampler(settings: dict, variant: str) -> MergeRatioSampler:
+    """MergeAR's stage-2 merge-ratio sampler for `variant` (`merge_sampling.<variant>`)."""
+    block = (settings.get("merge_sampling") or {}).get(variant)
+    if block is None:
+        raise ConfigError(f"generator.mergear.merge_sampling.{variant}: missing (the stage-2 merge-ratio "
+                          "sampler MergeAR draws K from, Fig. 5)")
+    return MergeRatioSampler.from_config(block)
+
+
+def training_kept(cfg: dict, generator: str, variant: str) -> list[int]:
+    """The K values whose codes `generator` trains on: L (LlamaGen, no merging), the stage-2
+    sampler's support (MergeAR), the variant's target K (RandAR)."""
+    vc = cfg["tokenizer"]["variants"][variant]
+    if generator == "llamagen":
+        return [int(vc["tokens"])]
+    if generator == "mergear":
+        return kept_sampler(generator_settings(cfg, generator), variant).support()
+    if generator == "randar":
+        return [int(vc["kept"])]
+    raise ValueError(f"unknown generator {generator!r}; built: {GENERATORS}")
+
+
+def inference_kept(cfg: dict, generator: str, variant: str) -> int:
+    """K of the codes a generator produces at sampling (and is validated / checked for memorisation
+    on): L for LlamaGen, the variant's target K for MergeAR (its M(K)) and RandAR (N = K)."""
+    vc = cfg["tokenizer"]["variants"][variant]
+    return int(vc["tokens"]) if generator == "llamagen" else int(vc["kept"])
 
 
 def build_for_codes(generator: str, settings: dict, manifest: dict, num_classes: int) -> nn.Module:
@@ -72,6 +140,9 @@ def build_for_codes(generator: str, settings: dict, manifest: dict, num_classes:
     overrides = dict(codebook_bits=int(manifest["bits"]), grid=int(manifest["grid"]), num_classes=num_classes,
                      token_dropout=drop, resid_dropout=drop, ffn_dropout=drop,
                      class_dropout=float(settings["class_dropout"]))
+    if generator == "randar":  # N = K merged tokens on a ceil(sqrt(K)) grid (README "Decisions")
+        kept = int(manifest["kept"])
+        overrides.update(grid=math.isqrt(kept - 1) + 1, seq_len=kept)
     overrides.update(settings.get("model_overrides") or {})
     return build_generator(settings["preset"], **overrides)
 
@@ -115,6 +186,18 @@ class GeneratorStage:
             raise ValueError(f"{codes.path} holds codes of tokenizer variant {codes.manifest['variant']!r}, "
                              f"not {variant!r}")
         self.device = dist.device
+        self.kept_probs, self.keep_rule = None, None
+        if generator == "mergear":  # K per sample from the stage-2 sampler over the extracted K
+            probs = kept_sampler(s, variant).probabilities()
+            have = codes.kept if isinstance(codes.kept, list) else [codes.kept]
+            if sorted(probs) != have:
+                raise ValueError(f"MergeAR on {variant}: the codes hold K = {have}, the stage-2 sampler "
+                                 f"generator.mergear.merge_sampling.{variant} draws K = {sorted(probs)}; "
+                                 "give one codes manifest per K of its support")
+            self.kept_probs = torch.tensor([probs[k] for k in have], dtype=torch.float64)
+            self.keep_rule = keep_rule_report(codes)
+        elif isinstance(codes.kept, list):
+            raise ValueError(f"{generator} trains on codes at one K, got manifests at K = {codes.kept}")
         self.model = build_for_codes(generator, s, codes.manifest, int(cfg["data"]["num_classes"])).to(self.device)
         self.train_module = LossModule(self.model)
         if dist.distributed:
@@ -136,21 +219,29 @@ class GeneratorStage:
 
     # -- one step ----------------------------------------------------------------------------
     def pick_view(self, indices: torch.Tensor, owner: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """indices (B, A, K), owner (B, A, L) -> one stored augmentation per sample (global RNG)."""
+        """indices (B, A, K), owner (B, A, L) -> one stored augmentation per sample (global RNG).
+
+        Codes at several K (B, J, A, Kmax) / (B, J, A, L): first one K per sample, drawn with the
+        stage-2 sampler's probabilities (global RNG)."""
+        rows = torch.arange(indices.shape[0])
+        if indices.dim() == 4:
+            j = torch.multinomial(self.kept_probs, indices.shape[0], replacement=True)
+            indices, owner = indices[rows, j], owner[rows, j]
         A = indices.shape[1]
         view = torch.randint(A, (indices.shape[0],)) if A > 1 else torch.zeros(indices.shape[0], dtype=torch.long)
-        rows = torch.arange(indices.shape[0])
         return indices[rows, view], owner[rows, view]
 
     def train_step(self, batch, step: int) -> dict[str, float]:
         indices, owner, labels = batch
         indices, owner = self.pick_view(indices, owner)
-        codes = sequence(self.generator, indices, owner).to(self.device, non_blocking=True)
+        codes, extra = model_inputs(self.generator, indices, owner)
+        codes = codes.to(self.device, non_blocking=True)
+        extra = {k: v.to(self.device) for k, v in extra.items()}
         labels = labels.to(self.device, non_blocking=True)
         now = time.perf_counter()
         self.model.train()
         with torch.autocast(**self.autocast) if self.autocast else contextlib.nullcontext():
-            out = self.train_module(codes, labels, float(self.settings["label_smoothing"]))
+            out = self.train_module(codes, labels, float(self.settings["label_smoothing"]), **extra)
         self.opt.zero_grad(set_to_none=True)
         out.loss.backward()
         metrics = {}
@@ -185,8 +276,9 @@ class GeneratorStage:
             indices = torch.stack([x[0][0] for x in items])  # the un-augmented view
             owner = torch.stack([x[1][0] for x in items])
             labels = torch.stack([x[2] for x in items]).to(self.device)
-            codes = sequence(self.generator, indices, owner).to(self.device)
-            out = model.loss(codes, labels, label_smoothing=0.0)
+            codes, extra = model_inputs(self.generator, indices, owner)
+            out = model.loss(codes.to(self.device), labels, label_smoothing=0.0,
+                             **{k: v.to(self.device) for k, v in extra.items()})
             terms = torch.stack([out.loss.float(), *[ce.float() for ce in out.per_subtoken]]) * len(items)
             totals = terms if totals is None else totals + terms
             count += len(items)
@@ -217,6 +309,8 @@ class GeneratorStage:
                 "preset": self.settings["preset"], "generator_config": dataclasses.asdict(self.model.config),
                 "model": self.model.state_dict(),
                 **({"ema": self.ema.module.state_dict()} if self.ema is not None else {}),
+                **({"kept_probabilities": self.kept_probs.tolist()} if self.kept_probs is not None else {}),
+                **({"keep_rule_disagreement": self.keep_rule} if self.keep_rule is not None else {}),
                 "codes": {"variant": m.get("variant"), "kept": m["kept"], "tokens": m["tokens"], "grid": m["grid"],
                           "bits": m["bits"], "tokenizer_sha256": m["tokenizer"]["sha256"]}}
 
@@ -226,7 +320,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", required=True)
     parser.add_argument("--generator", required=True, choices=GENERATORS)
     parser.add_argument("--variant", required=True, choices=["G", "G+R", "R"], help="tokenizer variant of the codes")
-    parser.add_argument("--codes", required=True, help="training codes manifest (CODES_DIR/train.json)")
+    parser.add_argument("--codes", required=True, nargs="+",
+                        help="training codes manifest (CODES_DIR/train.json); MergeAR: one per K of its sampler")
     parser.add_argument("--val-codes", default=None, help="validation codes manifest (CODES_DIR/val.json)")
     parser.add_argument("--out", required=True, help="output directory (model.pt, last.ckpt, metrics.csv, ...)")
     parser.add_argument("--max-steps", type=int, default=None, help="stop after this many steps")
@@ -242,7 +337,7 @@ def loop_config(settings: dict, total_steps: int, seed: int, max_steps: int | No
 def run(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.set)
     dist = DistEnv.from_env()
-    codes = CodeDataset(args.codes)
+    codes = open_codes(args.codes)
     val = CodeDataset(args.val_codes) if args.val_codes else None
     if val is not None and val.manifest["tokenizer"]["sha256"] != codes.manifest["tokenizer"]["sha256"]:
         raise ValueError(f"{args.codes} and {args.val_codes} come from different tokenizers")

@@ -9,33 +9,59 @@
 #   results/{run}/samples/{gen}_{variant}/{cfg{s}|final}/metrics.json generation_metrics
 # The undeclared shards (codes), last.ckpt (training) and images/ + parts/ (samples) beside the
 # declared files survive a failed job, so its retry resumes.
+# Generators (mergevq.train.generator): LlamaGen reads codes at K = L; MergeAR trains on codes at
+# every K of its stage-2 merge-ratio sampler (one extract_codes job per K) and samples at the
+# variant's target K; RandAR trains and samples at the target K and decodes through the variant's
+# fine-tuned Source Recovery (finetune_recovery).
 
-from mergevq.train.generator import generator_hash
+from mergevq.train.generator import generator_hash, inference_kept, training_kept
 
 GENERATOR = config.get("generator", {})
 SAMPLING = GENERATOR.get("sampling", {})
 # (generator, tokenizer variant) pairs the config trains; LlamaGen runs at K = L (`merge_num: 0` in
 # the authors' stage-2 configs): Table 3's "(G+R)+LlamaGen-L, 256 steps", Table 5's "(G)+LlamaGen, 1024".
-GENERATOR_RUNS = [(g, v) for g in ("llamagen",) for v in GENERATOR.get(g, {}).get("variants", []) if v in VARIANTS]
+GENERATOR_KINDS = ("llamagen", "mergear", "randar")
+GENERATOR_RUNS = [(g, v) for g in GENERATOR_KINDS for v in GENERATOR.get(g, {}).get("variants", []) if v in VARIANTS]
 CFG_SCALES = [f"{s:g}" for s in SAMPLING.get("cfg_scales", [])]
 GENERATION_METRICS = [f"{OUT}/samples/{g}_{v}/final/metrics.json" for g, v in GENERATOR_RUNS]
 FINAL_SAMPLES = [f"{OUT}/samples/{g}_{v}/final/samples.json" for g, v in GENERATOR_RUNS]
 
 
 wildcard_constraints:
-    gen="llamagen",
+    gen="|".join(GENERATOR_KINDS),
     split="train|val",
     cfg=r"\d+(\.\d+)?",
     setting=r"cfg\d+(\.\d+)?|final",
 
 
-def generator_kept(wc):
-    """K of the codes a generator reads: L for LlamaGen (no merging)."""
-    return config["tokenizer"]["variants"][wc.variant]["tokens"]
-
-
 def codes_of(split):
-    return lambda wc: f"{OUT}/codes/{wc.variant}/k{generator_kept(wc)}/{split}.json"
+    """Codes a generator job reads: validation (and memorisation) at the K it samples at; training
+    at every K it trains on (MergeAR: one manifest per K of its stage-2 sampler)."""
+    if split == "train":
+        return lambda wc: [f"{OUT}/codes/{wc.variant}/k{k}/train.json" for k in training_kept(config, wc.gen, wc.variant)]
+    return sample_codes_of(split)
+
+
+def sample_codes_of(split):
+    """Codes at the K a generator samples at (memorisation compares like with like)."""
+    return lambda wc: f"{OUT}/codes/{wc.variant}/k{inference_kept(config, wc.gen, wc.variant)}/{split}.json"
+
+
+def recovery_of(wc):
+    """RandAR's generated merged codes are placed by the variant's fine-tuned Source Recovery."""
+    return [f"{OUT}/tokenizer/{wc.variant}/recovery/model.pt"] if wc.gen == "randar" else []
+
+
+def recovery_flag(wc, input):
+    return f"--recovery {input.recovery}" if input.recovery else ""
+
+
+def sample_settings(wc):
+    """What a sample folder depends on besides its scale and count (the batch size changes nothing)."""
+    extra = {"mergear": {"kept": inference_kept(config, "mergear", wc.variant)},
+             "randar": {"decode_steps": GENERATOR.get("randar", {}).get("decode_steps")}}.get(wc.gen)
+    return config_hash({**{k: SAMPLING.get(k) for k in ("temperature", "top_k", "top_p", "seed")},
+                        **({"generate": extra} if extra else {})})
 
 
 rule extract_codes:
@@ -80,14 +106,11 @@ rule train_generator:
                         "--variant '{wildcards.variant}' --codes {input.train} --val-codes {input.val} --out {params.outdir}")
 
 
-# What a sample folder depends on besides its scale and count (the batch size changes nothing).
-SAMPLE_SETTINGS = config_hash({k: SAMPLING.get(k) for k in ("temperature", "top_k", "top_p", "seed")})
-
-
 rule sample_sweep:
     input:
         generator=f"{OUT}/generator/{{gen}}_{{variant}}/model.pt",
         tokenizer=f"{OUT}/tokenizer/{{variant}}/model.pt",
+        recovery=recovery_of,
     output:
         meta=f"{OUT}/samples/{{gen}}_{{variant}}/cfg{{cfg}}/samples.json",
         npz=f"{OUT}/samples/{{gen}}_{{variant}}/cfg{{cfg}}/samples.npz",
@@ -95,7 +118,8 @@ rule sample_sweep:
     params:
         outdir=lambda wc: f"{OUT}/samples/{wc.gen}_{wc.variant}/cfg{wc.cfg}",
         per_class=SAMPLING.get("sweep_per_class"),
-        settings=SAMPLE_SETTINGS,
+        settings=sample_settings,
+        recovery=recovery_flag,
         launch=launch("eval_rule"),
     log:
         f"{OUT}/logs/sample/{{gen}}_{{variant}}_cfg{{cfg}}.log",
@@ -104,7 +128,7 @@ rule sample_sweep:
     resources:
         **res("eval_rule"),
     shell:
-        "{params.launch} sample --config \"$MERGEVQ_CONFIG\" --generator {input.generator} --tokenizer {input.tokenizer} "
+        "{params.launch} sample --config \"$MERGEVQ_CONFIG\" --generator {input.generator} --tokenizer {input.tokenizer} {params.recovery} "
         "--cfg {wildcards.cfg} --num-per-class {params.per_class} --out {params.outdir} > {log} 2>&1"
 
 
@@ -113,6 +137,7 @@ rule sample_final:
         sweep=lambda wc: [f"{OUT}/samples/{wc.gen}_{wc.variant}/cfg{s}/metrics.json" for s in CFG_SCALES],
         generator=f"{OUT}/generator/{{gen}}_{{variant}}/model.pt",
         tokenizer=f"{OUT}/tokenizer/{{variant}}/model.pt",
+        recovery=recovery_of,
     output:
         meta=f"{OUT}/samples/{{gen}}_{{variant}}/final/samples.json",
         npz=f"{OUT}/samples/{{gen}}_{{variant}}/final/samples.npz",
@@ -120,7 +145,8 @@ rule sample_final:
     params:
         outdir=lambda wc: f"{OUT}/samples/{wc.gen}_{wc.variant}/final",
         per_class=SAMPLING.get("num_per_class"),
-        settings=SAMPLE_SETTINGS,
+        settings=sample_settings,
+        recovery=recovery_flag,
         launch=launch("eval_rule"),
     log:
         f"{OUT}/logs/sample/{{gen}}_{{variant}}_final.log",
@@ -129,7 +155,7 @@ rule sample_final:
     resources:
         **res("eval_rule"),
     shell:
-        "{params.launch} sample --config \"$MERGEVQ_CONFIG\" --generator {input.generator} --tokenizer {input.tokenizer} "
+        "{params.launch} sample --config \"$MERGEVQ_CONFIG\" --generator {input.generator} --tokenizer {input.tokenizer} {params.recovery} "
         "--cfg-from {input.sweep} --num-per-class {params.per_class} --out {params.outdir} > {log} 2>&1"
 
 
@@ -139,8 +165,8 @@ rule generation_metrics:
     input:
         samples=f"{OUT}/samples/{{gen}}_{{variant}}/{{setting}}/samples.json",
         classifier=CLASSIFIER,
-        train=codes_of("train"),
-        val=codes_of("val"),
+        train=sample_codes_of("train"),
+        val=sample_codes_of("val"),
     output:
         metrics=f"{OUT}/samples/{{gen}}_{{variant}}/{{setting}}/metrics.json",
     params:
