@@ -106,11 +106,62 @@ def _config(tmp_path, repo_root, **settings):
     return path
 
 
-def _finetune(cfg, tokenizer, out, max_steps=None):
+def _finetune(cfg, tokenizer, out, max_steps=None, generator=None, init=None):
     from mergevq.train import recovery
 
     return recovery.run(argparse.Namespace(config=str(cfg), tokenizer=str(tokenizer), out=str(out),
-                                           max_steps=max_steps, set=[]))
+                                           max_steps=max_steps, set=[], generator=generator, init=init))
+
+
+def _randar_file(tmp_path, tokenizer, bits):
+    """A RandAR artefact with random weights on the tokenizer's K = 36 codes."""
+    from mergevq.eval.fidelity import sha256_file
+    from mergevq.generator import build_generator
+    from generator_fixtures import randomise_
+
+    gen = randomise_(build_generator("randar-demo", n_layer=1, dim=32, n_head=2, multiple_of=16, n_intra_layer=1,
+                                     codebook_bits=bits, grid=6, seq_len=36), std=0.5)
+    path = tmp_path / "randar.pt"
+    torch.save({"generator_config": dataclasses.asdict(gen.config), "model": gen.state_dict(), "name": "randar_G+R",
+                "codes": {"kept": 36, "tokenizer_sha256": sha256_file(tokenizer)}}, path)
+    return path, gen
+
+
+def test_teacher_forced_predictions_argmax_and_samples():
+    from generator_fixtures import tiny_generator
+    from mergevq.generator.gpt import merge_codes
+    from mergevq.train.recovery import teacher_forced_predictions
+
+    gen = tiny_generator("randar-demo", grid=3, seq_len=9)
+    codes, labels = torch.randint(0, 64, (4, 9)), torch.tensor([0, 1, 2, 3])
+    torch.manual_seed(5)
+    want = merge_codes([lg.argmax(-1) for lg in gen.teacher_forced_logits(codes, labels)], gen.config.bits_split)
+    torch.manual_seed(5)  # the same random slot order
+    assert torch.equal(teacher_forced_predictions(gen, codes, labels, "argmax"), want)
+    drawn = teacher_forced_predictions(gen, codes, labels, "sample")
+    assert drawn.shape == (4, 9) and drawn.min() >= 0 and drawn.max() < 64
+
+
+def test_finetune_for_generation_mixes_the_generators_codes(tmp_path, repo_root):
+    cfg = yaml.safe_load(_config(tmp_path, repo_root, finetune_decoder=False).read_text())
+    cfg["generator"]["recovery_randar"] = {"mix": 0.5, "predictions": "sample", "epochs": 1}
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg))
+    cfg = tmp_path / "cfg.yaml"
+    tok = _tokenizer_file(tmp_path)
+    assert _finetune(cfg, tok, tmp_path / "ft", max_steps=None) == 0
+    gen, _ = _randar_file(tmp_path, tok, load_tokenizer(tok)[0].config.bits)
+    init = tmp_path / "ft" / "model.pt"
+    assert _finetune(cfg, tok, tmp_path / "a", generator=gen, init=init) == 0
+    assert _finetune(cfg, tok, tmp_path / "b", max_steps=4, generator=gen, init=init) == 0
+    assert _finetune(cfg, tok, tmp_path / "b", generator=gen, init=init) == 0
+    a, b = (torch.load(tmp_path / d / "model.pt", weights_only=False) for d in "ab")
+    assert all(torch.equal(a["recovery"][k], b["recovery"][k]) for k in a["recovery"])  # exact resume
+    assert a["kept"] == 36 and a["generator_sha256"] and a["settings"]["mix"] == 0.5
+    metrics = (tmp_path / "a" / "metrics.csv").read_text().splitlines()
+    col = metrics[0].split(",").index("generated_code_changed")
+    assert float(metrics[1].split(",")[col]) > 0  # the generator's draws differ from the real codes
+    with pytest.raises(ValueError, match="not a RandAR generator"):
+        _finetune(cfg, _tokenizer_file(tmp_path, seed=1), tmp_path / "c", generator=gen)
 
 
 @pytest.mark.parametrize("finetune_decoder", [True, False])

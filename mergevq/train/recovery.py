@@ -15,9 +15,19 @@ decoder, and the S_hat decoder lives in the recovery artefact.
 batch. The digits have 1,437 training images and no training transform; re-encoding moved copies
 gives the recovery new (codes, S) pairs instead of the same ones every epoch.
 
-`mergevq finetune-recovery --config C --tokenizer M --out DIR [--max-steps N]` -> DIR/model.pt
-(tokenizer.recovery.load_recovery reads it; the loop's last.ckpt, metrics.csv, val.csv,
-run.json beside it).
+Fine-tuned for generation (App. A.2: "fine-tuned with the generator obtained after stage-2
+training"; `--generator RANDAR.pt --init RECOVERY.pt`, settings `generator.recovery_randar`, which
+override `recovery_finetune`'s): starting from the fine-tuned recovery, every step encodes at the
+generator's K (its N merged tokens) and, for a share `mix` of the batch, replaces the encoder's
+codes by the generator's teacher-forced predictions on them (a random slot order per sample, the
+image's class, no CFG; `predictions`: "sample" draws each sub-token from its softmax at
+temperature 1, "argmax" takes the most likely; the second sub-token is conditioned on the true
+first, as teacher forcing does). The target S stays the encoder's, so the recovery learns to place
+codes as the generator emits them (near misses included) where the true S is known.
+
+`mergevq finetune-recovery --config C --tokenizer M --out DIR [--generator G --init R] [--max-steps N]`
+-> DIR/model.pt (tokenizer.recovery.load_recovery reads it; the loop's last.ckpt, metrics.csv,
+val.csv, run.json beside it).
 """
 from __future__ import annotations
 
@@ -32,11 +42,43 @@ from mergevq.config import ConfigError, config_hash, load_config, variant_config
 from mergevq.data.augment import random_affine
 from mergevq.data.merge_sampling import MergeRatioSampler
 from mergevq.tokenizer import load_tokenizer
+from mergevq.tokenizer.lfq import indices_to_codes
 from mergevq.tokenizer.recovery import canonical_source, recovery_artifact, source_recovery_loss, token_recovery
 from mergevq.train.distributed import DistEnv
 from mergevq.train.schedule import lr_lambda
 
 SOURCE_TYPES = ("bce", "ce")
+PREDICTIONS = ("sample", "argmax")
+
+
+def generation_settings(cfg: dict) -> dict:
+    """`recovery_finetune` overridden by `recovery_randar` (fine-tuning for RandAR generation)."""
+    block = cfg["generator"].get("recovery_randar")
+    if block is None:
+        raise ConfigError("generator.recovery_randar: missing (mix, predictions and the settings that differ "
+                          "from recovery_finetune for the fine-tuning with the RandAR generator)")
+    if block["predictions"] not in PREDICTIONS:
+        raise ConfigError(f"generator.recovery_randar.predictions: {block['predictions']!r} is not one of {PREDICTIONS}")
+    if not 0.0 <= float(block["mix"]) <= 1.0:
+        raise ConfigError(f"generator.recovery_randar.mix: {block['mix']} is not in [0, 1]")
+    return {**cfg["generator"]["recovery_finetune"], **block}
+
+
+@torch.no_grad()
+def teacher_forced_predictions(generator: nn.Module, indices: torch.Tensor, labels: torch.Tensor,
+                               how: str, rng: torch.Generator | None = None) -> torch.Tensor:
+    """The generator's teacher-forced codes for merged codes `indices` (B, K) of classes `labels`:
+    per sub-token argmax or a draw from its softmax (random slot order per sample, global RNG)."""
+    from mergevq.generator.gpt import merge_codes
+
+    generator.eval()
+    logits = generator.teacher_forced_logits(indices, labels)
+    if how == "argmax":
+        parts = [lg.argmax(-1) for lg in logits]
+    else:
+        parts = [torch.multinomial(lg.float().softmax(-1).flatten(0, 1), 1, generator=rng).view(lg.shape[:-1])
+                 for lg in logits]
+    return merge_codes(parts, generator.config.bits_split)
 
 
 class RecoveryTrainee(nn.Module):
@@ -83,11 +125,12 @@ def finetune_steps(settings: dict, num_images: int, variant: str) -> int:
 class RecoveryFinetuneStage:
     """Source-Recovery fine-tuning of one stage-1 tokenizer; a Stage of mergevq.train.loop.fit."""
 
-    def __init__(self, cfg: dict, tokenizer_path: str | Path, num_images: int, dist: DistEnv):
+    def __init__(self, cfg: dict, tokenizer_path: str | Path, num_images: int, dist: DistEnv,
+                 generator_path: str | Path | None = None, init_path: str | Path | None = None):
         from mergevq.eval.fidelity import sha256_file
 
         self.cfg, self.dist, self.device = cfg, dist, dist.device
-        self.settings = cfg["generator"]["recovery_finetune"]
+        self.settings = cfg["generator"]["recovery_finetune"] if generator_path is None else generation_settings(cfg)
         check_settings(self.settings)
         tokenizer, art = load_tokenizer(tokenizer_path)  # EMA weights, eval mode
         self.variant = art["variant"]
@@ -101,11 +144,28 @@ class RecoveryFinetuneStage:
         self.total_steps = total_steps = finetune_steps(self.settings, num_images, self.variant)
         self.kept_target = int(art["kept"])
         self.sampler = MergeRatioSampler.from_config(vc["merge_sampling"])
+        self.generator, self.generator_sha256 = None, None
+        if generator_path is not None:  # fine-tuning for RandAR: its K, its codes mixed in
+            from mergevq.eval.sampling import load_generator_artifact
+
+            self.generator, gen_art = load_generator_artifact(generator_path)
+            self.generator = self.generator.to(self.device).requires_grad_(False)
+            if self.generator.config.kind != "randar" or gen_art["codes"]["tokenizer_sha256"] != self.tokenizer_sha256:
+                raise ValueError(f"{generator_path}: not a RandAR generator trained on codes of {tokenizer_path}")
+            self.kept_target = int(gen_art["codes"]["kept"])
+            self.generator_sha256 = sha256_file(generator_path)
         self.recon_type = vc["loss"]["recon_type"]
         self.tokenizer = tokenizer.to(self.device).requires_grad_(False)
         decoder = (copy.deepcopy(tokenizer.decoder).requires_grad_(True)
                    if self.settings["finetune_decoder"] else None)
         self.trainee = RecoveryTrainee(copy.deepcopy(tokenizer.recovery).requires_grad_(True), decoder).to(self.device)
+        if init_path is not None:  # start from a fine-tuned recovery (and its S_hat decoder)
+            from mergevq.tokenizer.recovery import load_recovery
+
+            init = load_recovery(init_path, tokenizer, self.tokenizer_sha256)
+            self.trainee.recovery.load_state_dict(init.recovery.state_dict())
+            if decoder is not None:
+                self.trainee.decoder.load_state_dict(init.decoder.state_dict())
         self.train_module = self.trainee
         if dist.distributed:
             from torch.nn.parallel import DistributedDataParallel as DDP
@@ -128,14 +188,35 @@ class RecoveryFinetuneStage:
         encoded = self.tokenizer.encode(images, kept)
         return self.tokenizer.quantizer(encoded.z).quantized, encoded.source  # (B, K, D), (B, K, L)
 
+    @torch.no_grad()
+    def _mix_generated(self, quantized: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, float]:
+        """Replace the first `mix` share of the batch's codes by the generator's teacher-forced
+        predictions; returns the codes and the share of replaced tokens that changed."""
+        from mergevq.tokenizer.lfq import codes_to_indices
+
+        n = round(float(self.settings["mix"]) * quantized.shape[0])
+        if n == 0:
+            return quantized, 0.0
+        real = codes_to_indices(quantized[:n])
+        pred = teacher_forced_predictions(self.generator, real, labels[:n].to(self.device), self.settings["predictions"])
+        bits = self.tokenizer.config.bits
+        mixed = torch.cat([indices_to_codes(pred, bits).to(quantized.dtype), quantized[n:]])
+        return mixed, float((pred != real).float().mean())
+
     def train_step(self, batch, step: int) -> dict[str, float]:
         images = batch[0].to(self.device, non_blocking=True)
         aug = self.settings.get("augment")
         if aug is not None:  # global RNG: exact resume
             n = round(float(aug["fraction"]) * images.shape[0])
             images = torch.cat([random_affine(images[:n], float(aug["degrees"]), float(aug["translate"])), images[n:]])
-        kept = self.sampler.sample(step, self.cfg["seed"])  # same on every rank, exact on resume
-        quantized, source = self._encode(images, kept)
+        extra = {}
+        if self.generator is None:
+            kept = self.sampler.sample(step, self.cfg["seed"])  # same on every rank, exact on resume
+            quantized, source = self._encode(images, kept)
+        else:  # the generator's K; a share of the codes are its predictions (global RNG: exact resume)
+            kept = self.kept_target
+            quantized, source = self._encode(images, kept)
+            quantized, extra["generated_code_changed"] = self._mix_generated(quantized, batch[1])
         self.trainee.train()
         logits, recon = self.train_module(quantized)
         terms = {"source": source_recovery_loss(logits, source, self.settings["source_type"])}  # Eq. (11)
@@ -150,7 +231,7 @@ class RecoveryFinetuneStage:
         self.sched.step()
         with torch.no_grad():
             right = (logits.argmax(-1) == source.argmax(1)).float().mean()
-        return {**{k: float(v.detach()) for k, v in terms.items()}, "loss": float(total.detach()), "kept": kept,
+        return {**{k: float(v.detach()) for k, v in terms.items()}, **extra, "loss": float(total.detach()), "kept": kept,
                 "lr": self.sched.get_last_lr()[0], "source_accuracy_argmax": float(right)}
 
     # -- validation ----------------------------------------------------------------------------
@@ -189,7 +270,7 @@ class RecoveryFinetuneStage:
     def artifact(self) -> dict:
         return recovery_artifact(self.trainee.recovery, self.trainee.decoder, variant=self.variant,
                                  tokenizer_sha256=self.tokenizer_sha256, kept=self.kept_target,
-                                 settings=dict(self.settings))
+                                 settings=dict(self.settings), generator_sha256=self.generator_sha256)
 
 
 # -- command line ------------------------------------------------------------------------------
@@ -197,6 +278,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", required=True, help="config YAML (generator.recovery_finetune)")
     parser.add_argument("--tokenizer", required=True, help="the stage-1 model.pt (frozen)")
     parser.add_argument("--out", required=True, help="output directory (model.pt, last.ckpt, metrics.csv, ...)")
+    parser.add_argument("--generator", default=None,
+                        help="fine-tune for generation with this RandAR model.pt (generator.recovery_randar)")
+    parser.add_argument("--init", default=None, help="start from this fine-tuned recovery (recovery/model.pt)")
     parser.add_argument("--max-steps", type=int, default=None, help="stop after this many steps")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides")
 
@@ -206,15 +290,15 @@ def run(args: argparse.Namespace) -> int:
     from mergevq.train.loop import LoopConfig, fit
 
     cfg = load_config(args.config, args.set)
-    settings = cfg["generator"].get("recovery_finetune")
-    if settings is None:
+    if cfg["generator"].get("recovery_finetune") is None:
         raise ConfigError(f"{args.config}: generator.recovery_finetune: missing (lr, batch_size, epochs, ...)")
+    settings = cfg["generator"]["recovery_finetune"] if args.generator is None else generation_settings(cfg)
     if not Path(args.tokenizer).is_file():
         raise FileNotFoundError(f"tokenizer not found: {args.tokenizer} (a stage-1 model.pt from `mergevq train-tokenizer`)")
     dist = DistEnv.from_env()
     dataset = build_dataset(cfg, "train", transform="train")
     torch.manual_seed(cfg["seed"])
-    stage = RecoveryFinetuneStage(cfg, args.tokenizer, len(dataset), dist)
+    stage = RecoveryFinetuneStage(cfg, args.tokenizer, len(dataset), dist, args.generator, args.init)
     steps = stage.total_steps
     loop = LoopConfig(total_steps=steps, batch_size=int(settings["batch_size"]), seed=cfg["seed"],
                       log_every=max(1, min(50, steps // 20)), val_every=max(1, steps // 4),
@@ -222,7 +306,8 @@ def run(args: argparse.Namespace) -> int:
                       num_workers=cfg["data"].get("num_workers", 0))
     # the rerun trigger: what this run reads besides the tokenizer file, whose hash is in the artefact
     hashed = {"recovery_finetune": settings, "data": cfg["data"], "seed": cfg["seed"],
-              "variant": variant_config(cfg, stage.variant), "tokenizer_sha256": stage.tokenizer_sha256}
+              "variant": variant_config(cfg, stage.variant), "tokenizer_sha256": stage.tokenizer_sha256,
+              **({"generator_sha256": stage.generator_sha256} if args.generator else {})}
     try:
         return fit(stage, dataset, loop, args.out, cfg, config_hash(hashed), dist)
     finally:

@@ -48,8 +48,12 @@ def sample_codes_of(split):
 
 
 def recovery_of(wc):
-    """RandAR's generated merged codes are placed by the variant's fine-tuned Source Recovery."""
-    return [f"{OUT}/tokenizer/{wc.variant}/recovery/model.pt"] if wc.gen == "randar" else []
+    """RandAR's generated merged codes are placed by the variant's Source Recovery fine-tuned for
+    generation (generator.recovery_randar) or, without that block, the stage-1 fine-tuned one."""
+    if wc.gen != "randar":
+        return []
+    name = "recovery_randar" if GENERATOR.get("recovery_randar") else "recovery"
+    return [f"{OUT}/tokenizer/{wc.variant}/{name}/model.pt"]
 
 
 def recovery_flag(wc, input):
@@ -183,3 +187,32 @@ rule generation_metrics:
     shell:
         "mergevq generation-metrics --config \"$MERGEVQ_CONFIG\" --samples {params.samples} {params.classifier} "
         "--train-codes {input.train} --val-codes {input.val} --out {output.metrics} > {log} 2>&1"
+
+
+# Source Recovery fine-tuned with the trained RandAR generator (App. A.2): from the fine-tuned
+# recovery, a `mix` share of each batch carries the generator's teacher-forced codes; RandAR's
+# samples decode with it (Table 5 "(G+R)+RandAR").
+rule finetune_recovery_randar:
+    input:
+        tokenizer=f"{OUT}/tokenizer/{{variant}}/model.pt",
+        init=f"{OUT}/tokenizer/{{variant}}/recovery/model.pt",
+        generator=f"{OUT}/generator/randar_{{variant}}/model.pt",
+    output:
+        model=f"{OUT}/tokenizer/{{variant}}/recovery_randar/model.pt",
+    params:
+        outdir=lambda wc: f"{OUT}/tokenizer/{wc.variant}/recovery_randar",
+        settings=lambda wc: config_hash({"recovery_finetune": GENERATOR.get("recovery_finetune"),
+                                         "recovery_randar": GENERATOR.get("recovery_randar"),
+                                         "variant": variant_config(config, wc.variant), "data": config["data"],
+                                         "seed": config["seed"]}),
+        launch=launch("gpu_rule"),
+    log:
+        f"{OUT}/logs/finetune_recovery_randar/{{variant}}.log",
+    benchmark:
+        f"{OUT}/benchmarks/finetune_recovery_randar/{{variant}}.tsv"
+    priority: 5
+    resources:
+        **resumable("gpu_rule"),
+    shell:
+        resumable_shell("{params.launch} finetune-recovery --config \"$MERGEVQ_CONFIG\" --tokenizer {input.tokenizer} "
+                        "--generator {input.generator} --init {input.init} --out {params.outdir}")
