@@ -184,3 +184,44 @@ def test_randar_decoding_goes_through_the_recoverys_s_hat():
     other = torch.arange(64).clamp(max=35).expand(2, -1)  # another canonical partition
     assert not torch.equal(source_from_owner(other, 36), s_hat)
     assert not torch.allclose(decode_merged(tok, codes, other), stage1, atol=1e-3)
+
+
+def test_position_baseline_owner_is_the_mode_per_position():
+    from mergevq.eval.generation import position_baseline_owner
+
+    owner = torch.tensor([[0, 1, 1, 2], [0, 0, 1, 2], [0, 1, 2, 2]])
+    assert position_baseline_owner(owner, 3).tolist() == [0, 1, 1, 2]
+
+
+def test_source_check_decodes_the_same_codes_with_other_sources(tmp_path, monkeypatch):
+    from mergevq.eval import generation
+    from mergevq.eval.fidelity import sha256_file
+    from mergevq.tokenizer import build_tokenizer
+
+    torch.manual_seed(0)
+    tok = build_tokenizer("G+R-demo", bits=10, kept=36, entropy_group_bits=5, ch=8, num_res_blocks=1, depth=2,
+                          heads=2, dec_ch=8, dec_num_res_blocks=1, dec_depth=1, dec_heads=2, rec_dim=16,
+                          rec_heads=2, rec_ffn=32).eval()
+    torch.save({"variant": "G+R", "tokenizer_config": dataclasses.asdict(tok.config), "ema": tok.state_dict(),
+                "model": tok.state_dict()}, tmp_path / "tok.pt")
+    g = torch.Generator().manual_seed(0)
+    n = 6
+    shard = CodeShard(torch.randint(0, 1024, (n, 1, 36), generator=g),
+                      torch.arange(64).clamp(max=35).expand(n, 1, 64).clone(), torch.arange(n))
+    torch_save(pack_shard(shard, {}), tmp_path / "train-00000.pt")
+    write_json(tmp_path / "train.json", {
+        "format": SHARD_FORMAT, "split": "train", "kept": 36, "tokens": 64, "grid": 8, "bits": 10, "num_images": n,
+        "augmentations": 1, "num_classes": 10, "tokenizer": {"sha256": "0" * 64},
+        "shards": [{"file": "train-00000.pt", "first": 0, "count": n}]})
+    seen = []
+    # the classifier stands in: record what it is shown, score by mean brightness
+    monkeypatch.setattr(generation, "class_consistency",
+                        lambda images, labels, clf: seen.append(images) or {"top1": float(images.float().mean() / 255)})
+    meta = {"tokenizer": str(tmp_path / "tok.pt"), "tokenizer_sha256": sha256_file(tmp_path / "tok.pt"), "recovery": None}
+    codes = torch.randint(0, 1024, (4, 36), generator=g)
+    out = generation.source_check(codes, torch.arange(4), meta, tmp_path / "train.json", "clf.pt")
+    assert set(out) == {"s_hat", "position_baseline", "random_training_s"} and len(seen) == 2
+    # every training S is the same partition here, so both controls decode the same images
+    assert torch.equal(seen[0], seen[1]) and seen[0].shape == (4, 3, 32, 32)
+    with pytest.raises(ValueError, match="K = 36"):
+        generation.source_check(codes[:, :25], torch.arange(4), meta, tmp_path / "train.json", "clf.pt")

@@ -14,6 +14,11 @@
   even validation images differ from their nearest training image in about half of the 64
   positions); the shares of near-duplicates and of exact copies among samples and validation
   sequences, and the number of distinct sequences per class.
+* S_hat check (RandAR, demo; `--source-check`): RandAR emits K merged codes and Source Recovery's
+  S_hat places them. The same generated codes are decoded, with the same decoder, also with the
+  position-only baseline's S (at each position the owner index most often seen in the training
+  codes) and with the S of a random training image (one per sample, seeded), and the demo
+  classifier scores all three: if S_hat carries this sample's layout, the other two score lower.
 """
 from __future__ import annotations
 
@@ -105,6 +110,51 @@ def class_consistency(images: torch.Tensor, labels: torch.Tensor, classifier: st
 
 
 # ---------------------------------------------------------------------------------------------
+# S_hat check (RandAR)
+
+
+def position_baseline_owner(train_owner: torch.Tensor, kept: int) -> torch.Tensor:
+    """train_owner (N, L) -> (L,): the owner index most often seen at each position."""
+    counts = torch.zeros(train_owner.shape[1], kept, dtype=torch.long)
+    counts.scatter_add_(1, train_owner.T.contiguous().long(), torch.ones_like(train_owner.T, dtype=torch.long))
+    return counts.argmax(1)
+
+
+@torch.no_grad()
+def source_check(codes: torch.Tensor, labels: torch.Tensor, meta: dict, train_codes: str | Path,
+                 classifier: str | Path, seed: int = 0) -> dict:
+    """Class consistency of RandAR's generated merged codes (N, K) decoded with S_hat, with the
+    position-only baseline's S and with a random training image's S (same decoder throughout)."""
+    from mergevq.data.datasets import to_uint8
+    from mergevq.generator.codes import CodeDataset, source_from_owner
+    from mergevq.tokenizer import load_tokenizer
+    from mergevq.tokenizer.lfq import indices_to_codes
+    from mergevq.tokenizer.recovery import FinetunedRecovery, load_recovery
+
+    tok_path = meta["tokenizer"]
+    if sha256_file(tok_path) != meta["tokenizer_sha256"]:
+        raise ValueError(f"{tok_path} changed since the samples were made (sha256 differs from samples.json)")
+    tokenizer, _ = load_tokenizer(tok_path)
+    recovery = (load_recovery(meta["recovery"], tokenizer, meta["tokenizer_sha256"]) if meta.get("recovery")
+                else FinetunedRecovery(tokenizer.recovery, tokenizer.decoder, False))
+    data = CodeDataset(train_codes)
+    kept = codes.shape[1]
+    if data.kept != kept:
+        raise ValueError(f"{train_codes} holds codes at K = {data.kept}, the samples have K = {kept}")
+    train_owner = data.tensors().owner[:, 0]
+    pick = torch.randint(len(train_owner), (len(codes),), generator=torch.Generator().manual_seed(seed))
+    owners = {"position_baseline": position_baseline_owner(train_owner, kept).expand(len(codes), -1),
+              "random_training_s": train_owner[pick]}
+    bits = tokenizer.config.bits
+    out = {"s_hat": None}
+    for name, owner in owners.items():  # one at a time, as sampling decodes
+        images = torch.cat([recovery.decode(indices_to_codes(c[None], bits), source_from_owner(o[None], kept))
+                            .float().clamp(-1, 1) for c, o in zip(codes, owner)])
+        out[name] = class_consistency(to_uint8(images), labels, classifier)["top1"]
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
 # Everything for one sample folder
 
 
@@ -124,7 +174,8 @@ def load_samples(folder: str | Path) -> tuple[torch.Tensor, dict, dict]:
 
 
 def generation_metrics(cfg: dict, folder: str | Path, classifier: str | None = None,
-                       train_codes: str | None = None, val_codes: str | None = None) -> dict:
+                       train_codes: str | None = None, val_codes: str | None = None,
+                       check_source: bool = False) -> dict:
     from mergevq.eval.tokenizer_eval import evaluation_images
     from mergevq.weights import require_weight
 
@@ -154,6 +205,11 @@ def generation_metrics(cfg: dict, folder: str | Path, classifier: str | None = N
     result["smoke"] = scores["protocol"]["smoke"]
     if fid_cfg["extractor"] == DEMO_EXTRACTOR:
         result["class_consistency"] = class_consistency(images, labels, weights)
+    if check_source:
+        if meta.get("generator_kind") != "randar" or "class_consistency" not in result or not train_codes:
+            raise ValueError("--source-check needs RandAR samples, the demo classifier and --train-codes")
+        result["source_check"] = source_check(codes["codes"], labels, meta, train_codes, weights)
+        result["source_check"]["s_hat"] = result["class_consistency"]["top1"]
     mem = cfg["generator"].get("metrics", {})
     if mem.get("memorisation") and train_codes and val_codes:
         kind = meta.get("generator_kind", "llamagen")
@@ -171,17 +227,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--train-codes", help="training codes manifest (memorisation)")
     parser.add_argument("--val-codes", help="validation codes manifest (memorisation's reference rate)")
     parser.add_argument("--out", required=True, help="metrics JSON to write")
+    parser.add_argument("--source-check", action="store_true",
+                        help="RandAR: class consistency of the same codes decoded with the position-only "
+                             "baseline's S and with random training images' S, beside S_hat's")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE")
 
 
 def run(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.set)
-    result = generation_metrics(cfg, args.samples, args.classifier, args.train_codes, args.val_codes)
+    result = generation_metrics(cfg, args.samples, args.classifier, args.train_codes, args.val_codes,
+                                args.source_check)
     write_json(args.out, result)
     summary = {"cfg": result["settings"]["cfg_scale"], "gfid": result["gfid"], "is": result["is"],
                "smoke": result["smoke"]}
     if "class_consistency" in result:
         summary["class_consistency"] = result["class_consistency"]["top1"]
+    if "source_check" in result:
+        summary["source_check"] = result["source_check"]
     if "memorisation" in result:
         m = result["memorisation"]
         summary["near_duplicates"] = (m["samples"]["near_duplicate_share"], m["validation"]["near_duplicate_share"])

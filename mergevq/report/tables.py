@@ -674,6 +674,13 @@ def generation_notes(records: list[dict], cfg: dict) -> list[str]:
     if any(r.get("class_consistency") for r in records):
         notes.append("class_consistency: the demo classifier's top-1 on the samples against the class each was "
                      "asked for, % (chance 10%).")
+    for r in records:
+        sc = r.get("source_check")
+        if sc:
+            notes.append(f"{r['generator_name']}: S_hat check, the same generated codes decoded with S_hat / the "
+                         f"position-only baseline's S / a random training image's S: class consistency "
+                         f"{100 * sc['s_hat']:.1f}% / {100 * sc['position_baseline']:.1f}% / "
+                         f"{100 * sc['random_training_s']:.1f}%.")
     mems = [r["memorisation"] for r in records if r.get("memorisation")]
     if mems:
         m = mems[0]

@@ -176,6 +176,9 @@ rule generation_metrics:
     params:
         samples=lambda wc, input: str(Path(input.samples).parent),
         classifier=lambda wc, input: f"--classifier {input.classifier}" if input.classifier else "",
+        # RandAR's final samples on the demo: S_hat against the baseline's and random images' S
+        source_check=lambda wc, input: ("--source-check" if wc.gen == "randar" and wc.setting == "final"
+                                        and input.classifier else ""),
         settings=config_hash({"fid": config["eval"]["fid"], "weights": config["weights"],
                               "metrics": GENERATOR.get("metrics")}),
     log:
@@ -186,7 +189,7 @@ rule generation_metrics:
         **res("eval_rule"),
     shell:
         "mergevq generation-metrics --config \"$MERGEVQ_CONFIG\" --samples {params.samples} {params.classifier} "
-        "--train-codes {input.train} --val-codes {input.val} --out {output.metrics} > {log} 2>&1"
+        "--train-codes {input.train} --val-codes {input.val} {params.source_check} --out {output.metrics} > {log} 2>&1"
 
 
 # Source Recovery fine-tuned with the trained RandAR generator (App. A.2): from the fine-tuned
