@@ -225,3 +225,40 @@ def test_source_check_decodes_the_same_codes_with_other_sources(tmp_path, monkey
     assert torch.equal(seen[0], seen[1]) and seen[0].shape == (4, 3, 32, 32)
     with pytest.raises(ValueError, match="K = 36"):
         generation.source_check(codes[:, :25], torch.arange(4), meta, tmp_path / "train.json", "clf.pt")
+
+
+@pytest.mark.parametrize("kind", ["mergear", "randar"])
+def test_sample_runs_each_kind_with_its_settings(tmp_path, repo_root, kind):
+    import json
+
+    from generator_fixtures import randomise_
+    from mergevq.eval.sampling import run
+    from mergevq.generator import build_generator
+    from mergevq.tokenizer import build_tokenizer
+
+    torch.manual_seed(0)
+    tok = build_tokenizer("G+R-demo", bits=10, kept=36, entropy_group_bits=5, ch=8, num_res_blocks=1, depth=2,
+                          heads=2, dec_ch=8, dec_num_res_blocks=1, dec_depth=1, dec_heads=2, rec_dim=16,
+                          rec_heads=2, rec_ffn=32).eval()
+    torch.save({"variant": "G+R", "tokenizer_config": dataclasses.asdict(tok.config), "ema": tok.state_dict(),
+                "model": tok.state_dict()}, tmp_path / "tok.pt")
+    shape = dict(grid=6, seq_len=36) if kind == "randar" else dict(grid=8)
+    gen = randomise_(build_generator(f"{kind}-demo", n_layer=1, dim=32, n_head=2, multiple_of=16, n_intra_layer=1,
+                                     **shape), std=0.3)
+    torch.save({"generator_config": dataclasses.asdict(gen.config), "model": gen.state_dict(), "name": f"{kind}_G+R",
+                "codes": {"tokenizer_sha256": None, "variant": "G+R"}}, tmp_path / "gen.pt")
+    args = dict(config=str(repo_root / "config" / "demo.yaml"), generator=str(tmp_path / "gen.pt"),
+                tokenizer=str(tmp_path / "tok.pt"), out=str(tmp_path / "s"), num_per_class=1, cfg=2.0, cfg_from=None,
+                temperature=None, top_k=None, top_p=None, seed=None, batch_size=4, no_cache=False, shard=0,
+                num_shards=1, combine_only=False, set=[], recovery=None)
+    assert run(argparse.Namespace(**args)) == 0
+    meta = json.loads((tmp_path / "s" / "samples.json").read_text())
+    codes = torch.load(tmp_path / "s" / "codes.pt", weights_only=False)["codes"]
+    if kind == "mergear":
+        assert meta["settings"]["generate"] == {"kept": 36} and codes.shape == (10, 64)
+        cache = meta["mergear_cache"]
+        assert cache["samples"] == 10 and cache["sequence_length"] == 64 and cache["mean_cache_entries"] < 2 + 63
+        with pytest.raises(ValueError, match="--recovery places merged codes"):
+            run(argparse.Namespace(**{**args, "out": str(tmp_path / "t"), "recovery": str(tmp_path / "tok.pt")}))
+    else:
+        assert meta["settings"]["generate"] == {"steps": 16, "cfg_schedule": "linear"} and codes.shape == (10, 36)

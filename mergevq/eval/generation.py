@@ -187,7 +187,7 @@ def generation_metrics(cfg: dict, folder: str | Path, classifier: str | None = N
               "generator_kind": meta.get("generator_kind"), "generator_sha256": meta.get("generator_sha256"),
               "generator_params": meta.get("generator_params"),
               "tokenizer_sha256": meta.get("tokenizer_sha256"), "cfg_sweep": meta.get("cfg_sweep"),
-              "decode_tokens_per_s": meta.get("decode_tokens_per_s")}
+              "decode_tokens_per_s": meta.get("decode_tokens_per_s"), "mergear_cache": meta.get("mergear_cache")}
     if fid_cfg["extractor"] == DEMO_EXTRACTOR:
         if classifier is None:
             raise ValueError("the demo-classifier extractor needs --classifier FILE (its trained weights)")

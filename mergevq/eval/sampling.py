@@ -146,14 +146,24 @@ def generate_samples(model, tokenizer, labels: torch.Tensor, out: Path, settings
     batches = [b for b in range(-(-len(labels) // bs)) if b % workers == worker]
     todo = [b for b in batches if not _batch_file(out, b).exists()]
     gen_time, tokens = 0.0, 0
+    cache = {"rows": 0, "rows_over_k": 0, "growths": 0, "cache_len_sum": 0.0, "kept_sum": 0.0}
     for b in tqdm(todo, desc=f"sample cfg={settings['cfg_scale']}", file=sys.stderr, disable=not progress):
         idx = torch.arange(b * bs, min(len(labels), (b + 1) * bs))
         y = labels[idx].to(device)
         t0 = time.perf_counter()
-        codes = model.generate(y, cfg_scale=settings["cfg_scale"], temperature=settings["temperature"],
-                               top_k=settings["top_k"], top_p=settings["top_p"],
-                               seeds=sample_seeds(settings["seed"], idx), use_cache=settings["use_cache"],
-                               **settings.get("generate", {}))
+        decode = model.generate_with_stats if kind == "mergear" else model.generate
+        codes = decode(y, cfg_scale=settings["cfg_scale"], temperature=settings["temperature"],
+                       top_k=settings["top_k"], top_p=settings["top_p"],
+                       seeds=sample_seeds(settings["seed"], idx), use_cache=settings["use_cache"],
+                       **settings.get("generate", {}))
+        if kind == "mergear":  # what the pruned cache did (MergeARStats)
+            st = codes.stats
+            codes = codes.codes
+            cache["rows"] += len(idx)
+            cache["rows_over_k"] += st.rows_over_k
+            cache["growths"] += st.growths
+            cache["cache_len_sum"] += float(st.cache_len.float().mean(1).sum())
+            cache["kept_sum"] += float(st.kept.float().sum())
         if device.type == "cuda":
             torch.cuda.synchronize()
         gen_time += time.perf_counter() - t0
@@ -162,7 +172,13 @@ def generate_samples(model, tokenizer, labels: torch.Tensor, out: Path, settings
         for i, image in zip(idx.tolist(), images):
             _save_png(image, out / "images" / f"{i:06d}.png")
         torch_save({"indices": idx, "codes": codes.cpu(), "labels": y.cpu()}, _batch_file(out, b))
-    return {"batches": len(todo), "generate_seconds": gen_time, "tokens": tokens}
+    out = {"batches": len(todo), "generate_seconds": gen_time, "tokens": tokens}
+    if cache["rows"]:
+        out["mergear_cache"] = {"samples": cache["rows"], "samples_over_k": cache["rows_over_k"],
+                                "batches_grown": cache["growths"], "kept_mean": cache["kept_sum"] / cache["rows"],
+                                "mean_cache_entries": cache["cache_len_sum"] / cache["rows"],
+                                "sequence_length": model.config.num_tokens}
+    return out
 
 
 def combine(out: Path, meta: dict, num: int) -> dict:
@@ -284,6 +300,8 @@ def run(args: argparse.Namespace) -> int:
                 meta["decode_tokens_per_s_note"] = (
                     f"{'with' if settings['use_cache'] else 'without'} KV cache, worker {worker} of {workers}, "
                     f"{dist.device.type}, this run's {timing['batches']} batches (CFG rows counted once)")
+            if "mergear_cache" in timing:  # MergeAR: distinct codes kept, cache entries, how often it grew
+                meta["mergear_cache"] = timing["mergear_cache"]
         dist.barrier()
         if dist.is_main and (args.num_shards == 1 or args.combine_only):
             meta = combine(out, meta, len(labels))
