@@ -57,7 +57,8 @@ def generator_settings(cfg: dict, generator: str) -> dict:
 
 def generator_hash(cfg: dict, generator: str) -> str:
     """What a trained generator depends on besides its codes: its block, the data's classes, the seed."""
-    settings = {k: v for k, v in generator_settings(cfg, generator).items() if k != "decode_steps"}  # sampling only
+    settings = {k: v for k, v in generator_settings(cfg, generator).items()
+                if k not in ("decode_steps", "cfg_scales")}  # sampling settings: no retraining
     return config_hash({"generator": settings, "seed": cfg["seed"],
                         "num_classes": cfg["data"]["num_classes"]})
 

@@ -22,7 +22,13 @@ SAMPLING = GENERATOR.get("sampling", {})
 # the authors' stage-2 configs): Table 3's "(G+R)+LlamaGen-L, 256 steps", Table 5's "(G)+LlamaGen, 1024".
 GENERATOR_KINDS = ("llamagen", "mergear", "randar")
 GENERATOR_RUNS = [(g, v) for g in GENERATOR_KINDS for v in GENERATOR.get(g, {}).get("variants", []) if v in VARIANTS]
-CFG_SCALES = [f"{s:g}" for s in SAMPLING.get("cfg_scales", [])]
+
+
+def cfg_scales(gen):
+    """The CFG sweep of a generator: generator.<gen>.cfg_scales, else generator.sampling.cfg_scales
+    (RandAR ramps the scale from 1, so its useful end values lie higher)."""
+    return [f"{s:g}" for s in GENERATOR.get(gen, {}).get("cfg_scales") or SAMPLING.get("cfg_scales", [])]
+
 GENERATION_METRICS = [f"{OUT}/samples/{g}_{v}/final/metrics.json" for g, v in GENERATOR_RUNS]
 FINAL_SAMPLES = [f"{OUT}/samples/{g}_{v}/final/samples.json" for g, v in GENERATOR_RUNS]
 
@@ -138,7 +144,7 @@ rule sample_sweep:
 
 rule sample_final:
     input:
-        sweep=lambda wc: [f"{OUT}/samples/{wc.gen}_{wc.variant}/cfg{s}/metrics.json" for s in CFG_SCALES],
+        sweep=lambda wc: [f"{OUT}/samples/{wc.gen}_{wc.variant}/cfg{s}/metrics.json" for s in cfg_scales(wc.gen)],
         generator=f"{OUT}/generator/{{gen}}_{{variant}}/model.pt",
         tokenizer=f"{OUT}/tokenizer/{{variant}}/model.pt",
         recovery=recovery_of,
