@@ -81,7 +81,10 @@ def test_table5_appends_generator_rows(cfg, tmp_path):
 
 
 def mergear_randar_records(tmp_path):
-    write_json(tmp_path / "m.json", {**generation_record("mergear_G+R", 2.2), "generator_kind": "mergear"})
+    write_json(tmp_path / "m.json", {**generation_record("mergear_G+R", 2.2), "generator_kind": "mergear",
+                                     "mergear_cache": {"samples": 10, "samples_over_k": 4, "batches_grown": 2,
+                                                       "kept_mean": 40.0, "mean_cache_entries": 25.0,
+                                                       "sequence_length": 64}})
     rec = generation_record("randar_G+R", 2.0)
     rec["settings"]["generate"] = {"steps": 16, "cfg_schedule": "linear"}
     write_json(tmp_path / "r.json", {**rec, "generator_kind": "randar"})
@@ -97,7 +100,9 @@ def test_table3_fills_mergear_and_randar_rows(cfg, tmp_path):
     # MergeAR: the paper's (G+R) 256-step row, our 64 raster steps; RandAR: the (G+R) row, our T = 16
     assert (m["tokenizer"], m["paper_steps"], m["steps"], m["gfid"]) == ("MergeVQ (G+R)", 256, 64, 2.2)
     assert (r["tokenizer"], r["paper_steps"], r["steps"], r["gfid"]) == ("MergeVQ (G+R)", 64, 16, 2.0)
-    assert "randar_G+R: CFG ramped linearly from 1 to 3" in " ".join(table.notes)
+    text = " ".join(table.notes)
+    assert "randar_G+R: CFG ramped linearly from 1 to 3" in text
+    assert "40.0 distinct codes kept of 63 inputs" in text and "4 of 10 samples kept more than K" in text
 
 
 def test_table5_mergear_and_randar_rows(cfg, tmp_path):

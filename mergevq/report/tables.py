@@ -675,6 +675,14 @@ def generation_notes(records: list[dict], cfg: dict) -> list[str]:
         notes.append("class_consistency: the demo classifier's top-1 on the samples against the class each was "
                      "asked for, % (chance 10%).")
     for r in records:
+        mc = r.get("mergear_cache")
+        if mc:
+            notes.append(f"{r['generator_name']}: pruned KV cache while sampling: {mc['kept_mean']:.1f} distinct codes "
+                         f"kept of {mc['sequence_length'] - 1} inputs on average, {mc['mean_cache_entries']:.1f} "
+                         f"entries per step (full cache: {2 + mc['sequence_length'] / 2:.1f}), "
+                         f"{mc['samples_over_k']} of {mc['samples']} samples kept more than K, "
+                         f"{mc['batches_grown']} buffer growths.")
+    for r in records:
         sc = r.get("source_check")
         if sc:
             notes.append(f"{r['generator_name']}: S_hat check, the same generated codes decoded with S_hat / the "
