@@ -68,18 +68,20 @@ def launch(kind):
 
 
 def resumable_shell(command):
-    """The shell line of a resumable training rule (its params hold `outdir`).
+    """The shell line of a resumable training rule (params: `outdir`; output: `model`).
 
     Every attempt appends to {outdir}/train.log (beside last.ckpt, undeclared: Snakemake deletes a
     rule's declared log when a job starts), after an `== attempt` header, and copies it to the
     declared {log} when it exits, so the line of a preempted attempt ("preempted at step N ...
     requeued") survives the attempt that resumes and finishes the training. `trap : TERM` keeps
     this shell alive on SLURM's SIGTERM until the trainer has written its checkpoint and exited (a
-    dead shell would end the job step and kill the trainer mid-write)."""
+    dead shell would end the job step and kill the trainer mid-write). A trainer killed by a late
+    SIGTERM after it wrote model.pt (atomically, and only when training is complete; Snakemake
+    removed any older one before the job) has succeeded: `|| test -f` says so."""
     train_log = "{params.outdir}/train.log"
     return (f'trap : TERM; trap "cp {train_log} {{log}}" EXIT; mkdir -p {{params.outdir}}; '
             f'echo "== attempt $(date -Is) on $(hostname), SLURM job ${{{{SLURM_JOB_ID:-none}}}}" >> {train_log}; '
-            f'{command} >> {train_log} 2>&1')
+            f'{command} >> {train_log} 2>&1 || test -f {{output.model}}')
 
 
 def variant_hash(variant):

@@ -29,7 +29,7 @@ from mergevq.files import atomic_path, torch_save, write_json
 from mergevq.train.checkpoint import check_resumable, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from mergevq.train.distributed import DistEnv, ShardedSampler
 from mergevq.train.runinfo import run_info
-from mergevq.train.signals import PreemptionHandler
+from mergevq.train.signals import PreemptionHandler, requeue_slurm_job
 
 
 class TrainingDiverged(RuntimeError):
@@ -135,6 +135,9 @@ def fit(stage: Stage, dataset: Dataset, loop: LoopConfig, out_dir: str | Path, c
         )
     else:
         torch.manual_seed(loop.seed + dist.rank)
+        if dist.is_main:  # rows of an attempt that died before its first checkpoint: this run starts over
+            for name in ("metrics.csv", "val.csv"):
+                (out_dir / name).unlink(missing_ok=True)
 
     if dist.is_main:
         write_json(out_dir / "run.json", run_info(cfg, loop.seed) | {"stage": stage.name, "world_size": dist.world_size})
@@ -170,10 +173,9 @@ def fit(stage: Stage, dataset: Dataset, loop: LoopConfig, out_dir: str | Path, c
             loss = metrics["loss"]
             if not math.isfinite(loss):
                 terms = ", ".join(f"{k}={v:.4g}" for k, v in metrics.items())
-                raise TrainingDiverged(
-                    f"[{stage.name}] non-finite loss at step {step} ({terms}); "
-                    f"the last good checkpoint {ckpt_path} is kept"
-                )
+                kept = (f"the last good checkpoint {ckpt_path} is kept" if ckpt_path.exists()
+                        else f"no checkpoint was written yet (ckpt_every {loop.ckpt_every})")
+                raise TrainingDiverged(f"[{stage.name}] non-finite loss at step {step} ({terms}); {kept}")
             step += 1
             images_since += loop.batch_size
             bar.update(1)
@@ -202,14 +204,18 @@ def fit(stage: Stage, dataset: Dataset, loop: LoopConfig, out_dir: str | Path, c
                 exit_code = preempt.exit_code or 143
                 print(f"[{stage.name}] preempted at step {step}: checkpoint written, exiting {exit_code}",
                       file=sys.stderr)
+                if dist.is_main:
+                    print(f"[{stage.name}] {requeue_slurm_job()[1]}", file=sys.stderr)
                 break
-    bar.close()
-    if exit_code:
-        return exit_code
-    save(step)
-    if step >= loop.total_steps and dist.is_main:
-        torch_save({**stage.artifact(), "config": cfg, "config_hash": cfg_hash, "step": step,
-                    "run": run_info(cfg, loop.seed)}, model_path)
-        print(f"[{stage.name}] training complete: {model_path}", file=sys.stderr)
-    dist.barrier()
+        bar.close()
+        if exit_code:
+            return exit_code
+        # Still under the handler: a signal arriving now (SLURM's time-limit warning, say) must not kill
+        # the final checkpoint or artefact write of a finished training; it is noted and ignored.
+        save(step)
+        if step >= loop.total_steps and dist.is_main:
+            torch_save({**stage.artifact(), "config": cfg, "config_hash": cfg_hash, "step": step,
+                        "run": run_info(cfg, loop.seed)}, model_path)
+            print(f"[{stage.name}] training complete: {model_path}", file=sys.stderr)
+        dist.barrier()
     return 0
