@@ -41,6 +41,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "table": ("mergevq.report.tables", "build a reproduced table (ours beside the paper's) as CSV + Markdown"),
     "figure": ("mergevq.report.figures", "draw one of the paper's figures from metrics or tokenizers"),
     "fetch-weights": ("mergevq.weights", "download the pretrained weight files named in a config (needs internet)"),
+    "cluster-setup": ("mergevq.cluster", "install the project's SLURM profile as your `slurm` profile (account, partition; data/weights links)"),
 }
 
 
