@@ -11,7 +11,7 @@ export PYTHONUNBUFFERED := 1
 # oversubscribed CPU are many times slower than one thread each.
 export OMP_NUM_THREADS := 1
 
-.PHONY: demo test venv dryrun clean-demo
+.PHONY: demo test venv dryrun clean-demo slurm-up slurm-down
 
 venv: $(STAMP)
 
@@ -37,3 +37,11 @@ dryrun: $(STAMP)
 
 clean-demo:
 	rm -rf results/demo
+
+# A single-node SLURM cluster on this machine (Debian, root) for the `slurm`-marked tests: `make
+# slurm-up test` runs them against it; `make slurm-down` ends the daemons slurm-up started.
+slurm-up:
+	tests/slurm/start-local-slurm.sh
+
+slurm-down:
+	tests/slurm/start-local-slurm.sh stop
