@@ -42,6 +42,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "figure": ("mergevq.report.figures", "draw one of the paper's figures from metrics or tokenizers"),
     "fetch-weights": ("mergevq.weights", "download the pretrained weight files named in a config (needs internet)"),
     "cluster-setup": ("mergevq.cluster", "install the project's SLURM profile as your `slurm` profile (account, partition; data/weights links)"),
+    "bench": ("mergevq.bench", "efficiency figures as ratios (LFQ entropy, ToMe, MergeAR cache, training MFU, DAG no-op); see BENCHMARKS.md"),
 }
 
 
