@@ -11,7 +11,7 @@ export PYTHONUNBUFFERED := 1
 # oversubscribed CPU are many times slower than one thread each.
 export OMP_NUM_THREADS := 1
 
-.PHONY: demo test venv dryrun clean-demo slurm-up slurm-down
+.PHONY: demo test venv dryrun clean-demo guard slurm-up slurm-down
 
 venv: $(STAMP)
 
@@ -37,6 +37,10 @@ dryrun: $(STAMP)
 
 clean-demo:
 	rm -rf results/demo
+
+# The quality guard: the demo's key numbers against tests/quality_bounds.yaml (after `make demo`).
+guard: $(STAMP)
+	$(VENV)/bin/mergevq check-quality --results results/demo
 
 # A single-node SLURM cluster on this machine (Debian, root) for the `slurm`-marked tests: `make
 # slurm-up test` runs them against it; `make slurm-down` ends the daemons slurm-up started.

@@ -41,6 +41,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "table": ("mergevq.report.tables", "build a reproduced table (ours beside the paper's) as CSV + Markdown"),
     "figure": ("mergevq.report.figures", "draw one of the paper's figures from metrics or tokenizers"),
     "fetch-weights": ("mergevq.weights", "download the pretrained weight files named in a config (needs internet)"),
+    "check-quality": ("mergevq.report.quality", "compare a run's key numbers (PSNR, rFID, probe top-1, usage, class consistency) with the bounds in tests/quality_bounds.yaml"),
     "cluster-setup": ("mergevq.cluster", "install the project's SLURM profile as your `slurm` profile (account, partition; data/weights links)"),
     "bench": ("mergevq.bench", "efficiency figures as ratios (LFQ entropy, ToMe, MergeAR cache, training MFU, DAG no-op); see BENCHMARKS.md"),
 }
