@@ -26,7 +26,8 @@ $(STAMP): pyproject.toml
 
 demo: $(STAMP)
 	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(VENV)/bin/snakemake all --configfile config/demo.yaml --cores $(CORES)
-	@echo "demo outputs: results/demo/"
+	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(VENV)/bin/snakemake all --configfile config/demo.yaml --report results/demo/report.html
+	@echo "demo outputs: results/demo/ (open results/demo/report.html in a browser)"
 
 test: $(STAMP)
 	$(PY) -m pytest
