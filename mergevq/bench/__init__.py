@@ -86,7 +86,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
                         help="cpu (fp32) or cuda (bf16; the paper-size MergeAR)")
     parser.add_argument("--scale", default="full", choices=list(SCALES),
-                        help="full: the issue's sizes (~10 min on 2 CPU cores); tiny: toy sizes, seconds")
+                        help="full: the issue's sizes (14 min on a shared 2-core machine); tiny: toy sizes, seconds")
     parser.add_argument("--compile", action="store_true",
                         help="torch.compile the ToMe encoders (--device cuda only)")
     parser.add_argument("--threads", type=int, default=None, metavar="N",
