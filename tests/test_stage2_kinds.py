@@ -193,9 +193,9 @@ def test_position_baseline_owner_is_the_mode_per_position():
     assert position_baseline_owner(owner, 3).tolist() == [0, 1, 1, 2]
 
 
-def test_source_check_decodes_the_same_codes_with_other_sources(tmp_path, monkeypatch):
-    from mergevq.eval import generation
-    from mergevq.eval.fidelity import sha256_file
+
+def save_tiny_tokenizer(path):
+    """A seeded, tiny G+R tokenizer (K = 36 of 64, 10 bits) saved as a stage-1 artefact at `path`."""
     from mergevq.tokenizer import build_tokenizer
 
     torch.manual_seed(0)
@@ -203,7 +203,14 @@ def test_source_check_decodes_the_same_codes_with_other_sources(tmp_path, monkey
                           heads=2, dec_ch=8, dec_num_res_blocks=1, dec_depth=1, dec_heads=2, rec_dim=16,
                           rec_heads=2, rec_ffn=32).eval()
     torch.save({"variant": "G+R", "tokenizer_config": dataclasses.asdict(tok.config), "ema": tok.state_dict(),
-                "model": tok.state_dict()}, tmp_path / "tok.pt")
+                "model": tok.state_dict()}, path)
+
+
+def test_source_check_decodes_the_same_codes_with_other_sources(tmp_path, monkeypatch):
+    from mergevq.eval import generation
+    from mergevq.eval.fidelity import sha256_file
+
+    save_tiny_tokenizer(tmp_path / "tok.pt")
     g = torch.Generator().manual_seed(0)
     n = 6
     shard = CodeShard(torch.randint(0, 1024, (n, 1, 36), generator=g),
@@ -234,14 +241,8 @@ def test_sample_runs_each_kind_with_its_settings(tmp_path, repo_root, kind):
     from generator_fixtures import randomise_
     from mergevq.eval.sampling import run
     from mergevq.generator import build_generator
-    from mergevq.tokenizer import build_tokenizer
 
-    torch.manual_seed(0)
-    tok = build_tokenizer("G+R-demo", bits=10, kept=36, entropy_group_bits=5, ch=8, num_res_blocks=1, depth=2,
-                          heads=2, dec_ch=8, dec_num_res_blocks=1, dec_depth=1, dec_heads=2, rec_dim=16,
-                          rec_heads=2, rec_ffn=32).eval()
-    torch.save({"variant": "G+R", "tokenizer_config": dataclasses.asdict(tok.config), "ema": tok.state_dict(),
-                "model": tok.state_dict()}, tmp_path / "tok.pt")
+    save_tiny_tokenizer(tmp_path / "tok.pt")
     shape = dict(grid=6, seq_len=36) if kind == "randar" else dict(grid=8)
     gen = randomise_(build_generator(f"{kind}-demo", n_layer=1, dim=32, n_head=2, multiple_of=16, n_intra_layer=1,
                                      **shape), std=0.3)
