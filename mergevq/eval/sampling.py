@@ -172,13 +172,13 @@ def generate_samples(model, tokenizer, labels: torch.Tensor, out: Path, settings
         for i, image in zip(idx.tolist(), images):
             _save_png(image, out / "images" / f"{i:06d}.png")
         torch_save({"indices": idx, "codes": codes.cpu(), "labels": y.cpu()}, _batch_file(out, b))
-    out = {"batches": len(todo), "generate_seconds": gen_time, "tokens": tokens}
+    timing = {"batches": len(todo), "generate_seconds": gen_time, "tokens": tokens}
     if cache["rows"]:
-        out["mergear_cache"] = {"samples": cache["rows"], "samples_over_k": cache["rows_over_k"],
-                                "batches_grown": cache["growths"], "kept_mean": cache["kept_sum"] / cache["rows"],
-                                "mean_cache_entries": cache["cache_len_sum"] / cache["rows"],
-                                "sequence_length": model.config.num_tokens}
-    return out
+        timing["mergear_cache"] = {"samples": cache["rows"], "samples_over_k": cache["rows_over_k"],
+                                   "batches_grown": cache["growths"], "kept_mean": cache["kept_sum"] / cache["rows"],
+                                   "mean_cache_entries": cache["cache_len_sum"] / cache["rows"],
+                                   "sequence_length": model.config.num_tokens}
+    return timing
 
 
 def combine(out: Path, meta: dict, num: int) -> dict:

@@ -222,6 +222,7 @@ class MultiKCodeDataset(Dataset):
         if len(set(ks)) != len(ks):
             raise ValueError(f"code manifests {[str(d.path) for d in parts]} repeat a K: {ks}")
         first = parts[0]
+        first_labels = first.tensors().labels  # loaded once, compared with every other manifest's
         for d in parts[1:]:
             for key in ("tokens", "num_images", "augmentations", "split", "bits", "grid"):
                 if d.manifest.get(key) != first.manifest.get(key):
@@ -229,7 +230,7 @@ class MultiKCodeDataset(Dataset):
                                      f"{d.manifest.get(key)!r} vs {first.manifest.get(key)!r}")
             if d.manifest["tokenizer"]["sha256"] != first.manifest["tokenizer"]["sha256"]:
                 raise ValueError(f"{d.path} and {first.path} come from different tokenizers")
-            if not torch.equal(d.tensors().labels, first.tensors().labels):
+            if not torch.equal(d.tensors().labels, first_labels):
                 raise ValueError(f"{d.path} and {first.path} hold different images (labels differ)")
         self.parts, self.path = parts, first.path
         self.kept_values = ks
